@@ -1,0 +1,158 @@
+"""Schedules, cost model, source tracking, thread safety and refusals of the ToMe patch."""
+
+from __future__ import annotations
+
+import threading
+
+import pytest
+import timm
+import torch
+from timm.models.vision_transformer import ResPostBlock
+from torch.utils.flop_counter import FlopCounterMode
+
+from models import tome
+
+
+def _vit(**kwargs):
+    torch.manual_seed(0)
+    defaults = dict(pretrained=False, img_size=64, patch_size=8, embed_dim=64, depth=6, num_heads=4)
+    return timm.create_model("vit_tiny_patch16_224", **{**defaults, **kwargs}).eval()
+
+
+# --- schedules -----------------------------------------------------------------------------------
+
+
+def test_parse_r_forms() -> None:
+    assert tome.parse_r(4, 3) == [3, 3, 3, 3]
+    assert tome.parse_r(4, [1, 2]) == [1, 2, 0, 0]
+    assert tome.parse_r(12, (16, 0)) == [16] * 12
+    decreasing = tome.parse_r(12, (16, -1))
+    assert decreasing[0] == 32 and decreasing[-1] == 0
+    assert decreasing == sorted(decreasing, reverse=True)
+    assert sum(decreasing) == pytest.approx(16 * 12, abs=12)  # removes about rL tokens
+
+
+@pytest.mark.parametrize("bad", [[1] * 5, -1, [2, -1], True, "13", (1, 2, 3)])
+def test_parse_r_rejects(bad) -> None:
+    with pytest.raises((ValueError, TypeError)):
+        tome.parse_r(4, bad)
+
+
+def test_r_is_capped_at_half_the_mergeable_tokens() -> None:
+    applied, after = tome.token_schedule(num_tokens=17, protected=1, requested=[100, 100, 100, 100])
+    assert applied == [8, 4, 2, 1]
+    assert after == [9, 5, 3, 2]
+    applied, _ = tome.token_schedule(num_tokens=16, protected=0, requested=[3])
+    assert applied == [3]
+
+
+@pytest.mark.parametrize("r", [0, 3, (5, -1), [9, 9, 9]])
+@pytest.mark.parametrize("kwargs", [{}, {"reg_tokens": 3}, {"class_token": False, "global_pool": "avg"}])
+def test_schedule_info_matches_the_run(r, kwargs) -> None:
+    vit = _vit(**kwargs)
+    model = tome.patch(vit)
+    info = model.schedule_info(r)
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        trace = model.forward_with_source(x, r=r)
+        flops = FlopCounterMode(display=False)
+        with flops:
+            model(x, r=r)
+    assert trace.size.shape[1] == info.tokens_after_block[-1]
+    assert info.tokens_in == 64 + vit.num_prefix_tokens
+    # FlopCounterMode counts 2 FLOPs per multiply-accumulate; our GFLOPs are MACs (paper convention).
+    assert info.gflops * 1e9 == pytest.approx(flops.get_total_flops() / 2 / x.shape[0], rel=1e-9)
+
+
+def test_schedule_info_vit_small_flop_reduction() -> None:
+    """The issue's figure: ViT-S/16 at r=13 falls 1.70x in FLOPs (4.6 GFLOPs stock)."""
+    model = tome.patch(timm.create_model("vit_small_patch16_224", pretrained=False))
+    stock, merged = model.schedule_info(0), model.schedule_info(13)
+    assert stock.gflops == pytest.approx(4.6, abs=0.01)
+    assert stock.gflops / merged.gflops == pytest.approx(1.70, abs=0.01)
+    assert merged.tokens_after_block[-1] == 197 - 12 * 13
+
+
+def test_schedule_info_rejects_other_sizes_without_dynamic_img_size() -> None:
+    with pytest.raises(ValueError, match="dynamic_img_size"):
+        tome.patch(_vit()).schedule_info(4, img_size=96)
+
+
+# --- source tracking -----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("kwargs", [{}, {"reg_tokens": 4}, {"class_token": False, "global_pool": "avg"}])
+def test_source_tracking_partitions_the_input(kwargs) -> None:
+    vit = _vit(**kwargs)
+    model = tome.patch(vit)
+    x = torch.randn(3, 3, 64, 64)
+    with torch.no_grad():
+        trace = model.forward_with_source(x, r=4)
+        torch.testing.assert_close(trace.logits, model(x, r=4), atol=0, rtol=0)
+    prefix = vit.num_prefix_tokens
+    assert trace.source.sum(dim=1).eq(1).all(), "every input token is covered exactly once"
+    assert torch.equal(trace.size, trace.source.sum(dim=-1))
+    assert trace.size.sum(dim=1).eq(64 + prefix).all()
+    identity = torch.eye(prefix, dtype=torch.bool).expand(3, -1, -1)
+    assert torch.equal(trace.source[:, :prefix, :prefix], identity)
+    assert trace.size.max() > 1, "something merged"
+    owner = trace.patch_owner()
+    assert owner.shape == (3, 64)
+    assert owner.min() >= prefix  # patches never end up in a protected token
+
+
+def test_source_without_merging_is_identity() -> None:
+    model = tome.patch(_vit())
+    trace = model.forward_with_source(torch.randn(1, 3, 64, 64), r=0)
+    assert torch.equal(trace.source[0], torch.eye(65, dtype=torch.bool))
+    assert trace.size.eq(1).all()
+
+
+# --- thread safety ---------------------------------------------------------------------------------
+
+
+def test_concurrent_calls_with_different_r_equal_sequential_calls() -> None:
+    model = tome.patch(_vit())
+    x = torch.randn(4, 3, 64, 64)
+    schedules = [0, 2, 4, (6, -1), [8, 0, 8]]
+    with torch.no_grad():
+        expected = {str(r): model(x, r=r) for r in schedules}
+    results: dict[tuple[int, str], torch.Tensor] = {}
+    errors: list[BaseException] = []
+
+    def worker(thread_id: int) -> None:
+        try:
+            with torch.no_grad():
+                for round_ in range(6):
+                    r = schedules[(thread_id + round_) % len(schedules)]
+                    results[(thread_id * 10 + round_, str(r))] = model(x, r=r)
+        except BaseException as exc:  # surfaced below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=worker, args=(i,)) for i in range(5)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors
+    assert len(results) == 30
+    for (_, r), logits in results.items():
+        assert torch.equal(logits, expected[r]), f"thread result for r={r} differs"
+
+
+# --- refusals ----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("make", "message"),
+    [
+        (lambda: _vit(global_pool="map"), "global_pool='map'"),
+        (lambda: _vit(global_pool="max"), "global_pool='max'"),
+        (lambda: _vit(block_fn=ResPostBlock), "ResPostBlock"),
+        (lambda: timm.create_model("resnet18", pretrained=False), "ResNet"),
+        (lambda: timm.create_model("eva02_tiny_patch14_224", pretrained=False), "Eva"),
+    ],
+)
+def test_unsupported_models_are_refused_by_name(make, message: str) -> None:
+    with pytest.raises(tome.UnsupportedModelError, match=message):
+        tome.patch(make())
