@@ -1,0 +1,93 @@
+"""Read a classify request's images with the body size limit enforced while streaming."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+
+from starlette.datastructures import UploadFile
+from starlette.formparsers import MultiPartException, MultiPartParser
+from starlette.requests import Request
+
+RAW_BODY_TYPES = ("image/", "application/octet-stream")
+FILE_FIELD = "file"
+
+
+class BodyRejected(Exception):
+    """The body cannot be read as images; carries the HTTP status, a metrics reason and a message."""
+
+    def __init__(self, status: int, reason: str, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+        self.reason = reason
+        self.message = message
+
+
+@dataclass(frozen=True)
+class ImagePart:
+    filename: str | None
+    data: bytes
+
+
+def _too_large(limit: int) -> BodyRejected:
+    return BodyRejected(413, "too_large", f"request body is over the limit of {limit} bytes")
+
+
+async def limited_stream(request: Request, limit: int) -> AsyncIterator[bytes]:
+    """``request.stream()`` that stops with 413 as soon as more than ``limit`` bytes arrive."""
+    declared = request.headers.get("content-length")
+    if declared is not None:
+        try:
+            if int(declared) > limit:
+                raise _too_large(limit)
+        except ValueError as e:
+            raise BodyRejected(400, "bad_request", "Content-Length is not an integer") from e
+    received = 0
+    async for chunk in request.stream():
+        received += len(chunk)
+        if received > limit:
+            raise _too_large(limit)
+        yield chunk
+
+
+async def read_images(request: Request, max_bytes: int, max_files: int) -> list[ImagePart]:
+    """The images of a request: multipart ``file`` parts (order kept) or one raw image body."""
+    content_type = request.headers.get("content-type", "")
+    media_type = content_type.split(";", 1)[0].strip().lower()
+    if media_type == "multipart/form-data":
+        return await _read_multipart(request, max_bytes, max_files)
+    if not media_type.startswith(RAW_BODY_TYPES):
+        raise BodyRejected(
+            415,
+            "bad_image",
+            f"unsupported Content-Type {media_type or '(none)'!r}: send multipart/form-data with a "
+            f"'{FILE_FIELD}' part, or the raw image with an image/* Content-Type",
+        )
+    body = bytearray()
+    async for chunk in limited_stream(request, max_bytes):
+        body.extend(chunk)
+    if not body:
+        raise BodyRejected(422, "bad_image", "empty body: no image bytes were sent")
+    return [ImagePart(None, bytes(body))]
+
+
+async def _read_multipart(request: Request, max_bytes: int, max_files: int) -> list[ImagePart]:
+    parser = MultiPartParser(request.headers, limited_stream(request, max_bytes), max_files=max_files)
+    try:
+        form = await parser.parse()
+    except MultiPartException as e:
+        raise BodyRejected(422, "bad_request", f"malformed multipart body: {e.message}") from e
+    try:
+        values = form.getlist(FILE_FIELD)
+        if not values:
+            raise BodyRejected(422, "bad_request", f"multipart body has no '{FILE_FIELD}' part")
+        parts = []
+        for value in values:
+            if not isinstance(value, UploadFile):
+                raise BodyRejected(
+                    422, "bad_request", f"'{FILE_FIELD}' must be a file part, not a text field"
+                )
+            parts.append(ImagePart(value.filename, await value.read()))
+        return parts
+    finally:
+        await form.close()

@@ -1,0 +1,132 @@
+"""Build a ToMe-patched timm model from a ``ModelSpec``: weights, device, dtype, data config."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import timm
+import torch
+from timm.data import resolve_data_config
+
+from models import tome
+
+from .settings import ModelSpec
+from .tiers import Tier, build_tiers
+
+log = logging.getLogger(__name__)
+
+WEIGHT_SUFFIXES = (".safetensors", ".pth", ".pt", ".bin")
+
+
+class ModelLoadError(RuntimeError):
+    """A model could not be loaded; the message says what to set."""
+
+
+@dataclass(frozen=True)
+class LoadedModel:
+    """A patched model ready to serve, with everything the API reports about it."""
+
+    name: str
+    spec: ModelSpec
+    model: tome.ToMeVisionTransformer
+    device: torch.device
+    dtype: torch.dtype
+    weights_source: str
+    num_classes: int
+    data_config: dict[str, Any]
+    tiers: dict[str, Tier]
+
+    @property
+    def input_size(self) -> tuple[int, int, int]:
+        return tuple(self.data_config["input_size"])
+
+
+def resolve_device(device: str) -> torch.device:
+    """``auto`` picks CUDA when present, CPU otherwise."""
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    resolved = torch.device(device)
+    if resolved.type == "cuda" and not torch.cuda.is_available():
+        raise ModelLoadError(f"device {device!r} is configured but CUDA is not available")
+    return resolved
+
+
+def _create(spec: ModelSpec) -> tuple[torch.nn.Module, str]:
+    arch = spec.architecture
+    try:
+        if spec.weights == "random":
+            return timm.create_model(arch, pretrained=False, **spec.model_kwargs), "random (untrained)"
+        if spec.weights == "hub":
+            try:
+                vit = timm.create_model(arch, pretrained=True, **spec.model_kwargs)
+            except (OSError, RuntimeError, ValueError) as e:  # offline, unknown repo, missing weights
+                raise ModelLoadError(
+                    f"model {spec.name!r}: could not fetch pretrained weights for {arch!r} from the Hugging "
+                    f"Face hub ({type(e).__name__}: {e}). Set weights to a local .safetensors or .pth file "
+                    f'(config models[].weights or TOME_MODELS), or weights = "random" for demos and tests.'
+                ) from e
+            return vit, f"hub:{vit.pretrained_cfg.get('hf_hub_id') or arch}"
+        return _create_from_file(spec, Path(spec.weights))
+    except RuntimeError as e:
+        if isinstance(e, ModelLoadError):
+            raise
+        raise ModelLoadError(f"model {spec.name!r}: {e}") from e
+
+
+def _create_from_file(spec: ModelSpec, path: Path) -> tuple[torch.nn.Module, str]:
+    if path.suffix.lower() not in WEIGHT_SUFFIXES:
+        raise ModelLoadError(
+            f'model {spec.name!r}: weights {str(path)!r} is neither "hub", "random" nor a weights file '
+            f"({', '.join(WEIGHT_SUFFIXES)})"
+        )
+    if not path.is_file():
+        raise ModelLoadError(f"model {spec.name!r}: weights file {path} does not exist")
+    vit = timm.create_model(spec.architecture, pretrained=False, **spec.model_kwargs)
+    try:
+        # safetensors for .safetensors; torch.load(weights_only=True) otherwise: no arbitrary pickle
+        timm.models.load_checkpoint(vit, str(path), use_ema=True, strict=True, weights_only=True)
+    except Exception as e:
+        raise ModelLoadError(f"model {spec.name!r}: cannot load weights from {path}: {e}") from e
+    return vit, f"file:{path}"
+
+
+def _data_config(vit: torch.nn.Module) -> dict[str, Any]:
+    config = resolve_data_config({}, model=vit)
+    # timm's pretrained cfg keeps its default input size when img_size is overridden: trust the model
+    img_size = tuple(vit.patch_embed.img_size)
+    config["input_size"] = (3, *img_size)
+    return config
+
+
+def load_model(spec: ModelSpec, device: torch.device) -> LoadedModel:
+    """Create, load and patch one model; raises ``ModelLoadError`` with a message saying what to set."""
+    vit, source = _create(spec)
+    try:
+        model = tome.patch(vit, prop_attn=spec.prop_attn)
+    except tome.UnsupportedModelError as e:
+        raise ModelLoadError(f"model {spec.name!r}: {e}") from e
+    dtype = getattr(torch, spec.dtype) if device.type == "cuda" else torch.float32
+    model = model.eval().to(device=device, dtype=dtype)
+    try:
+        tiers = build_tiers(model, spec.tiers)
+    except (ValueError, TypeError) as e:
+        raise ModelLoadError(f"model {spec.name!r}: bad tier: {e}") from e
+    if spec.default_tier not in tiers:
+        raise ModelLoadError(
+            f"model {spec.name!r}: default_tier {spec.default_tier!r} is not one of {sorted(tiers)}"
+        )
+    log.info("loaded %s (%s) on %s as %s from %s", spec.name, spec.architecture, device, dtype, source)
+    return LoadedModel(
+        name=spec.name,
+        spec=spec,
+        model=model,
+        device=device,
+        dtype=dtype,
+        weights_source=source,
+        num_classes=int(vit.num_classes),
+        data_config=_data_config(vit),
+        tiers=tiers,
+    )

@@ -1,0 +1,75 @@
+"""Image bytes -> normalized tensor, following the model's timm data config.
+
+Runs in a worker thread, before a request is queued, so a bad image fails alone. The pixel limit is
+checked from the image header before any pixel is decoded; PIL's module-global limit is left alone.
+"""
+
+from __future__ import annotations
+
+import io
+from typing import Any
+
+import torch
+from PIL import Image, ImageOps, UnidentifiedImageError
+from timm.data import create_transform
+
+ALLOWED_FORMATS = frozenset({"JPEG", "PNG", "WEBP", "BMP", "GIF"})
+
+
+class ImageRejected(ValueError):
+    """An image the service will not classify; carries the HTTP status and a metrics reason."""
+
+    def __init__(self, status: int, reason: str, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+        self.reason = reason
+        self.message = message
+
+
+def _to_rgb(img: Image.Image) -> Image.Image:
+    """Grayscale, CMYK, palette and alpha images become RGB (alpha dropped, like timm's loader)."""
+    if img.mode == "RGB":
+        return img
+    if img.mode == "P" and "transparency" in img.info:
+        img = img.convert("RGBA")  # palette transparency must go through RGBA to convert cleanly
+    return img.convert("RGB")
+
+
+class Preprocessor:
+    """Decode, orient, convert and transform one image; thread-safe (no shared mutable state)."""
+
+    def __init__(self, data_config: dict[str, Any], max_pixels: int) -> None:
+        self.transform = create_transform(**data_config, is_training=False)
+        self.max_pixels = max_pixels
+
+    def decode(self, data: bytes) -> Image.Image:
+        """Bytes -> RGB PIL image with EXIF orientation applied; raises ``ImageRejected``."""
+        if not data:
+            raise ImageRejected(422, "bad_image", "empty image: the body or file part has no bytes")
+        try:
+            img = Image.open(io.BytesIO(data), formats=sorted(ALLOWED_FORMATS))
+        except UnidentifiedImageError as e:
+            raise ImageRejected(
+                415, "bad_image", f"not a supported image (accepted: {', '.join(sorted(ALLOWED_FORMATS))})"
+            ) from e
+        except Image.DecompressionBombError as e:  # PIL's own limit, if ours is set above it
+            raise ImageRejected(422, "too_large", f"image has too many pixels: {e}") from e
+        except (OSError, SyntaxError, ValueError) as e:
+            raise ImageRejected(422, "bad_image", f"corrupt image header: {e}") from e
+        width, height = img.size
+        if width * height > self.max_pixels:
+            raise ImageRejected(
+                422,
+                "too_large",
+                f"image is {width}x{height} = {width * height} pixels, over the limit of {self.max_pixels}",
+            )
+        try:
+            img.load()  # first frame only for GIF/animated WebP
+            img = ImageOps.exif_transpose(img)
+            return _to_rgb(img)
+        except (OSError, SyntaxError, ValueError, EOFError) as e:
+            raise ImageRejected(422, "bad_image", f"corrupt {img.format} image: {e}") from e
+
+    def __call__(self, data: bytes) -> torch.Tensor:
+        """Bytes -> ``[3, H, W]`` float32 tensor ready for the model."""
+        return self.transform(self.decode(data))

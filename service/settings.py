@@ -1,0 +1,153 @@
+"""Service configuration: a TOML or YAML file, overridden by ``TOME_*`` environment variables.
+
+Precedence (highest first): keyword arguments, environment (``TOME_BATCHING__MAX_BATCH_SIZE=8``),
+the config file (``config_file=`` or ``TOME_CONFIG_FILE``), then the defaults below.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, Field, field_validator, model_validator
+from pydantic_settings import (
+    BaseSettings,
+    InitSettingsSource,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+    TomlConfigSettingsSource,
+    YamlConfigSettingsSource,
+)
+
+CONFIG_FILE_ENV = "TOME_CONFIG_FILE"
+
+
+class TierSpec(BaseModel):
+    """One named ToMe schedule: ``r`` (int or per-block list), optionally with an inflection.
+
+    ``{r = 16, inflection = -1}`` is the paper's decreasing schedule; ``{r = 13}`` is constant.
+    """
+
+    r: int | list[int] = 0
+    inflection: float | None = None
+
+    @model_validator(mode="after")
+    def _check(self) -> TierSpec:
+        if self.inflection is not None and not isinstance(self.r, int):
+            raise ValueError("inflection needs an int r, not a per-block list")
+        values = [self.r] if isinstance(self.r, int) else self.r
+        if any(v < 0 for v in values):
+            raise ValueError(f"r must be non-negative, got {self.r}")
+        return self
+
+    def schedule(self) -> int | list[int] | tuple[int, float]:
+        """The r spec in the form ``models.tome`` takes."""
+        if self.inflection is not None:
+            return (int(self.r), float(self.inflection))
+        return self.r
+
+
+class ModelSpec(BaseModel):
+    """A model to serve."""
+
+    name: str = Field(description="Name clients use in ?model=")
+    timm_name: str | None = Field(None, description="timm architecture; defaults to name")
+    weights: str = Field(
+        "hub",
+        description='"hub" (pretrained from the Hugging Face hub), "random" (demos/tests only), '
+        "or a local .safetensors / .pth file path",
+    )
+    model_kwargs: dict[str, Any] = Field(default_factory=dict, description="extra timm.create_model kwargs")
+    dtype: Literal["float32", "float16", "bfloat16"] = Field(
+        "float16", description="dtype on CUDA; CPU always runs float32"
+    )
+    prop_attn: bool = True
+    tiers: dict[str, TierSpec] | None = Field(None, description="None: exact/balanced/fast/fastest defaults")
+    default_tier: str = "balanced"
+    allow_raw_r: bool = Field(False, description="accept ?r=<int> within the model's valid range")
+
+    @property
+    def architecture(self) -> str:
+        return self.timm_name or self.name
+
+
+class BatchingSettings(BaseModel):
+    max_batch_size: int = Field(32, ge=1, le=256)
+    max_wait_ms: float = Field(5.0, ge=0)
+    max_queue_size: int = Field(256, ge=1, description="per (model, tier) queue; full -> 503")
+    warmup: bool = True
+
+
+class LimitsSettings(BaseModel):
+    max_body_bytes: int = Field(16 * 1024 * 1024, ge=1024, description="whole request body")
+    max_files: int = Field(16, ge=1, description="image parts per multipart request")
+    max_image_pixels: int = Field(40_000_000, ge=1, description="width*height, checked from the header")
+    deadline_ms: float = Field(10_000, gt=0, description="default per-request deadline")
+    decode_workers: int = Field(2, ge=1, description="threads decoding and resizing images")
+    drain_timeout_s: float = Field(30.0, ge=0, description="longest wait for queued requests at shutdown")
+
+
+class ServiceSettings(BaseSettings):
+    """Everything the service reads at start-up."""
+
+    model_config = SettingsConfigDict(env_prefix="TOME_", env_nested_delimiter="__", extra="forbid")
+
+    config_file: Path | None = Field(None, description="TOML or YAML file with these settings")
+    models: list[ModelSpec] = Field(default_factory=list)
+    default_model: str | None = Field(None, description="defaults to the first model")
+    device: str = Field("auto", description='"auto" (CUDA when present), "cpu", "cuda", "cuda:1", ...')
+    batching: BatchingSettings = Field(default_factory=BatchingSettings)
+    limits: LimitsSettings = Field(default_factory=LimitsSettings)
+
+    @field_validator("models")
+    @classmethod
+    def _unique_names(cls, models: list[ModelSpec]) -> list[ModelSpec]:
+        names = [m.name for m in models]
+        if len(set(names)) != len(names):
+            raise ValueError(f"model names must be unique, got {names}")
+        return models
+
+    @model_validator(mode="after")
+    def _check_default(self) -> ServiceSettings:
+        if not self.models:
+            raise ValueError("no models configured: list at least one under [[models]]")
+        if self.default_model is None:
+            self.default_model = self.models[0].name
+        elif self.default_model not in {m.name for m in self.models}:
+            raise ValueError(f"default_model {self.default_model!r} is not among the configured models")
+        return self
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        assert isinstance(init_settings, InitSettingsSource)
+        path = init_settings.init_kwargs.get("config_file") or os.environ.get(CONFIG_FILE_ENV)
+        sources: list[PydanticBaseSettingsSource] = [init_settings, env_settings]
+        if path:
+            sources.append(_file_source(settings_cls, Path(path)))
+        return tuple(sources)
+
+
+def _file_source(settings_cls: type[BaseSettings], path: Path) -> PydanticBaseSettingsSource:
+    if not path.is_file():
+        raise FileNotFoundError(f"config file {path} does not exist")
+    suffix = path.suffix.lower()
+    if suffix == ".toml":
+        return TomlConfigSettingsSource(settings_cls, toml_file=path)
+    if suffix in (".yaml", ".yml"):
+        return YamlConfigSettingsSource(settings_cls, yaml_file=path)
+    raise ValueError(f"config file {path} must end in .toml, .yaml or .yml")
+
+
+def load_settings(config_file: str | Path | None = None, **overrides: Any) -> ServiceSettings:
+    """Read settings from ``config_file`` (or ``$TOME_CONFIG_FILE``) and the environment."""
+    if config_file is not None:
+        overrides["config_file"] = Path(config_file)
+    return ServiceSettings(**overrides)
