@@ -123,18 +123,20 @@ CLASSIFY_OPENAPI: dict[str, Any] = {
             "image/png": {"schema": {"type": "string", "format": "binary"}},
         },
     },
-    "responses": {
-        str(status): {"model": ErrorResponse, "description": text}
-        for status, text in {
-            400: "unknown tier, or raw r not allowed",
-            404: "unknown model",
-            413: "body over the size limit",
-            415: "not an image / unsupported content type",
-            422: "corrupt or empty image, too many pixels, bad parameter",
-            503: "queue full, warming up or draining (see Retry-After)",
-            504: "deadline passed while queued",
-        }.items()
-    },
+}
+
+
+CLASSIFY_ERRORS: dict[int | str, dict[str, Any]] = {
+    status: {"model": ErrorResponse, "description": text}
+    for status, text in {
+        400: "unknown tier, or raw r not allowed",
+        404: "unknown model",
+        413: "body over the size limit",
+        415: "not an image / unsupported content type",
+        422: "corrupt or empty image, too many pixels, bad parameter",
+        503: "queue full, warming up or draining (see Retry-After)",
+        504: "deadline passed while queued",
+    }.items()
 }
 
 
@@ -345,6 +347,7 @@ def create_app(settings: ServiceSettings) -> FastAPI:
         response_model=ClassifyResponse,
         response_model_exclude_none=True,
         openapi_extra=CLASSIFY_OPENAPI,
+        responses=CLASSIFY_ERRORS,
         summary="Classify one or more images",
     )
     async def classify(

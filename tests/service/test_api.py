@@ -1,0 +1,240 @@
+"""HTTP API against an in-process app (httpx via Starlette's TestClient, lifespan included)."""
+
+from __future__ import annotations
+
+import pytest
+from fastapi.testclient import TestClient
+
+from .conftest import image_bytes, metric_value
+
+PNG = image_bytes("PNG")
+
+
+def classify(client: TestClient, data: bytes = PNG, params: dict | None = None, headers: dict | None = None):
+    headers = {"content-type": "image/png", **(headers or {})}
+    return client.post("/classify", params=params, content=data, headers=headers)
+
+
+def assert_still_serving(client: TestClient) -> None:
+    r = classify(client)
+    assert r.status_code == 200, r.text
+
+
+def test_classify_raw_body(client: TestClient) -> None:
+    r = classify(client, params={"tier": "fast", "top_k": 3})
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert body["model"] == "tiny" and body["tier"] == "fast"
+    assert body["schedule"] == "r=6" and body["r_per_block"] == [6, 5]  # second block capped at half of 10
+    assert [p["score"] for p in body["top_k"]] == sorted((p["score"] for p in body["top_k"]), reverse=True)
+    assert len(body["top_k"]) == 3 and all(0 <= p["index"] < 1000 for p in body["top_k"])
+    assert body["top_k"][0]["label"]  # ImageNet description from timm's metadata
+    assert body["batch_size"] >= 1
+    assert set(body["timings"]) == {"queue_ms", "inference_ms", "total_ms"}
+    assert body["timings"]["total_ms"] >= body["timings"]["inference_ms"]
+    assert r.headers["X-Request-ID"] == body["request_id"]
+
+
+def test_labels_are_imagenet_descriptions(client: TestClient) -> None:
+    from timm.data import ImageNetInfo
+
+    top = classify(client, params={"top_k": 1}).json()["top_k"][0]
+    assert top["label"] == ImageNetInfo().index_to_description(top["index"])
+
+
+def test_default_tier_and_request_id_echo(client: TestClient) -> None:
+    r = classify(client, headers={"X-Request-ID": "abc-123"})
+    assert r.json()["tier"] == "balanced"
+    assert r.headers["X-Request-ID"] == "abc-123" == r.json()["request_id"]
+
+
+def test_multipart_several_files_keep_order_and_isolate_bad_one(client: TestClient) -> None:
+    files = [
+        ("file", ("a.png", PNG, "image/png")),
+        ("file", ("b.txt", b"not an image", "text/plain")),
+        ("file", ("c.jpg", image_bytes("JPEG"), "image/jpeg")),
+    ]
+    r = client.post("/classify", params={"top_k": 2}, files=files)
+    assert r.status_code == 200, r.text
+    results = r.json()["results"]
+    assert [x["filename"] for x in results] == ["a.png", "b.txt", "c.jpg"]
+    assert len(results[0]["top_k"]) == 2 and len(results[2]["top_k"]) == 2
+    assert results[1]["error"]["code"] == "bad_image" and "top_k" not in results[1]
+
+
+def test_multipart_single_file_is_flat(client: TestClient) -> None:
+    r = client.post("/classify", files={"file": ("x.png", PNG, "image/png")})
+    assert r.status_code == 200 and "top_k" in r.json() and "results" not in r.json()
+
+
+def test_same_image_same_answer_in_any_form(client: TestClient) -> None:
+    raw = classify(client, params={"tier": "exact"}).json()["top_k"]
+    multipart = client.post("/classify?tier=exact", files={"file": ("x.png", PNG, "image/png")}).json()[
+        "top_k"
+    ]
+    assert [p["index"] for p in raw] == [p["index"] for p in multipart]
+    assert [p["score"] for p in raw] == pytest.approx([p["score"] for p in multipart], abs=1e-6)
+
+
+def test_tiers_models_health(client: TestClient) -> None:
+    tiers = client.get("/tiers").json()["tiny"]
+    assert [t["name"] for t in tiers["tiers"]] == ["exact", "balanced", "fast", "fastest"]
+    by_name = {t["name"]: t for t in tiers["tiers"]}
+    # 16 patches, 2 blocks: balanced r=round(0.5*16/2)=4, fast r=round(0.8*8)=6, fastest decreasing from 16
+    assert by_name["balanced"]["r_per_block"] == [4, 4]
+    assert by_name["fastest"]["schedule"] == "r=8,inflection=-1"
+    assert (
+        by_name["exact"]["tokens_after_last_block"] == 17 and by_name["fast"]["tokens_after_last_block"] == 6
+    )
+    assert by_name["exact"]["speedup_vs_exact"] == 1.0
+    assert all(t["speedup_vs_exact"] > 0 for t in tiers["tiers"])
+    assert by_name["exact"]["gflops"] > by_name["fast"]["gflops"] > 0
+    models = client.get("/models").json()
+    assert models == [
+        {
+            "name": "tiny",
+            "architecture": "vit_tiny_patch16_224",
+            "weights_source": "random (untrained)",
+            "random_weights": True,
+            "device": "cpu",
+            "dtype": "float32",
+            "num_classes": 1000,
+            "input_size": [3, 64, 64],
+            "default": True,
+        }
+    ]
+    assert client.get("/healthz").json() == {"status": "ok"}
+    assert client.get("/readyz").status_code == 200
+    assert client.get("/docs").status_code == 200
+    assert (
+        "multipart/form-data"
+        in client.get("/openapi.json").json()["paths"]["/classify"]["post"]["requestBody"]["content"]
+    )
+
+
+def test_metrics_exposed(client: TestClient) -> None:
+    classify(client, params={"tier": "fast"})
+    text = client.get("/metrics").text
+    labels = {"model": "tiny", "tier": "fast"}
+    assert metric_value(text, "tome_requests_total", {**labels, "status": "200"}) >= 1
+    assert metric_value(text, "tome_images_total", labels) >= 1
+    assert metric_value(text, "tome_batch_size_count", labels) >= 1
+    assert metric_value(text, "tome_request_duration_seconds_count", labels) >= 1
+    assert metric_value(text, "tome_queue_wait_seconds_count", labels) >= 1
+    assert metric_value(text, "tome_batch_duration_seconds_count", labels) >= 1
+    assert metric_value(text, "tome_tier_info", {**labels, "schedule": "r=6"}) == 1
+    assert metric_value(text, "tome_tier_gflops", labels) > 0
+    assert "tome_queue_depth" in text and "tome_in_flight_requests" in text
+    assert "tome_device_memory_bytes{" not in text  # CUDA only
+
+
+@pytest.mark.parametrize(
+    ("send", "status", "reason"),
+    [
+        (lambda c: classify(c, b""), 422, "bad_image"),
+        (lambda c: classify(c, image_bytes("JPEG", size=(300, 200))[:400]), 422, "bad_image"),
+        (lambda c: classify(c, b"hello, world"), 415, "bad_image"),
+        (lambda c: classify(c, PNG[: len(PNG) // 2]), 422, "bad_image"),
+        (
+            lambda c: c.post("/classify", content=PNG, headers={"content-type": "text/plain"}),
+            415,
+            "bad_image",
+        ),
+        (lambda c: c.post("/classify", files={"file": ("x", b"", "image/png")}), 422, "bad_image"),
+        (lambda c: c.post("/classify", files={"other": ("x", PNG, "image/png")}), 422, "bad_request"),
+        (lambda c: c.post("/classify", data={"file": "text"}, files={"x": ("x", PNG)}), 422, "bad_request"),
+        (lambda c: classify(c, image_bytes("PNG", "L", (2000, 1000))), 422, "too_large"),
+        (lambda c: classify(c, b"\0" * 300_000), 413, "too_large"),
+        (lambda c: classify(c, params={"tier": "turbo"}), 400, "unknown_tier"),
+        (lambda c: classify(c, params={"model": "resnet"}), 404, "unknown_model"),
+        (lambda c: classify(c, params={"top_k": 0}), 422, "bad_request"),
+        (lambda c: classify(c, params={"top_k": 1001}), 422, "bad_request"),
+        (lambda c: classify(c, params={"top_k": "five"}), 422, "bad_request"),
+        (lambda c: classify(c, params={"r": 3}), 400, "bad_request"),
+        (lambda c: classify(c, headers={"X-Deadline-Ms": "soon"}), 422, "bad_request"),
+        (lambda c: c.post("/classify", files=[("file", ("x", PNG))] * 5), 422, "bad_request"),
+    ],
+    ids=[
+        "empty-body",
+        "truncated-jpeg",
+        "not-an-image",
+        "truncated-png",
+        "text-content-type",
+        "empty-file-part",
+        "no-file-part",
+        "file-is-text-field",
+        "pixel-bomb",
+        "body-too-large",
+        "unknown-tier",
+        "unknown-model",
+        "top-k-zero",
+        "top-k-too-big",
+        "top-k-not-int",
+        "raw-r-disabled",
+        "bad-deadline-header",
+        "too-many-files",
+    ],
+)
+def test_bad_input_is_a_clear_counted_error(client: TestClient, send, status: int, reason: str) -> None:
+    before = metric_value(client.get("/metrics").text, "tome_rejections_total", {"reason": reason})
+    r = send(client)
+    assert r.status_code == status, r.text
+    error = r.json()["error"]
+    assert error["code"] == reason and error["message"]
+    after = metric_value(client.get("/metrics").text, "tome_rejections_total", {"reason": reason})
+    assert after == before + 1
+    assert_still_serving(client)
+
+
+def test_unknown_tier_lists_valid_ones(client: TestClient) -> None:
+    assert classify(client, params={"tier": "turbo"}).json()["error"]["valid"] == [
+        "exact",
+        "balanced",
+        "fast",
+        "fastest",
+    ]
+
+
+def test_body_limit_enforced_while_streaming_without_content_length(client: TestClient) -> None:
+    consumed = 0
+
+    def chunks():
+        nonlocal consumed
+        for _ in range(100):  # 6.4 MB offered, limit 256 KiB
+            consumed += 1
+            yield b"\0" * 65536
+
+    r = client.post("/classify", content=chunks(), headers={"content-type": "image/png"})
+    assert r.status_code == 413
+    assert "content-length" not in {k.lower() for k in r.request.headers}
+    assert_still_serving(client)
+
+
+def test_multipart_over_limit_is_413(client: TestClient) -> None:
+    r = client.post("/classify", files={"file": ("big.png", b"\0" * 300_000, "image/png")})
+    assert r.status_code == 413
+    assert_still_serving(client)
+
+
+def test_raw_r_when_enabled(make_client) -> None:
+    c = make_client(models=[{**_tiny(), "allow_raw_r": True}])
+    ok = classify(c, params={"r": 5})
+    assert ok.status_code == 200 and ok.json()["r_per_block"] == [5, 5] and ok.json()["tier"] == "r5"
+    assert classify(c, params={"r": 9}).status_code == 422  # at most half of the 16 patches
+    assert classify(c, params={"r": -1}).status_code == 422
+    assert classify(c, params={"r": 2, "tier": "fast"}).status_code == 400
+    assert c.get("/tiers").json()["tiny"]["raw_r_max"] == 8
+
+
+def test_configured_tiers_override_defaults(make_client) -> None:
+    tiers = {"slow": {"r": 0}, "quick": {"r": [8, 0]}}
+    c = make_client(models=[{**_tiny(), "tiers": tiers, "default_tier": "quick"}])
+    body = classify(c).json()
+    assert body["tier"] == "quick" and body["r_per_block"] == [8, 0]
+    assert [t["name"] for t in c.get("/tiers").json()["tiny"]["tiers"]] == ["slow", "quick"]
+
+
+def _tiny() -> dict:
+    from .conftest import TINY_MODEL
+
+    return dict(TINY_MODEL)
