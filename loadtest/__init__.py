@@ -1,0 +1,1 @@
+"""Load tests for tome-serve: locust users (locustfile.py) and a headless runner (run.py)."""
