@@ -4,7 +4,7 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: setup serve test lint bench
+.PHONY: setup serve test check-deploy lint bench
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -14,10 +14,20 @@ $(STAMP): pyproject.toml
 
 setup: $(STAMP)
 
-## Set up, then run the test suite (what .ci/run calls).
+## Set up, then serve the demo config (a small random-weight ViT on CPU) on http://127.0.0.1:8000
+serve: $(STAMP)
+	$(BIN)/tome-serve --config service/configs/cpu-demo.toml --host 127.0.0.1 --port 8000
+
+## Set up, then run lint, the deploy checks and the test suite (what .ci/run calls).
+## Installs Debian's prometheus when run as root (the live Prometheus test needs it).
 test: $(STAMP)
+	bash scripts/install-test-deps.sh
 	$(BIN)/ruff check .
+	bash scripts/check-deploy.sh
 	$(BIN)/python -m pytest -q
+
+check-deploy:
+	bash scripts/check-deploy.sh
 
 lint: $(STAMP)
 	$(BIN)/ruff check .
