@@ -8,9 +8,12 @@ import urllib.request
 from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from locust.stats import RequestStats
 from prometheus_client.parser import text_string_to_metric_families
+
+if TYPE_CHECKING:  # importing locust monkey-patches the process with gevent: only the locust run may
+    from locust.stats import RequestStats
 
 REJECTED = "REJECTED"  # request type the locustfile gives 503 answers
 _TIER_NAME = re.compile(r"^/classify \[(?P<tier>[^\]]+)\]$")
@@ -42,9 +45,9 @@ class TierStats:
         return self.rejections / self.attempts if self.attempts else 0.0
 
 
-def final_stats(stats: RequestStats) -> list[dict[str, object]]:
-    """locust's final figures per (request type, name), taken at exit (read by ``read_summary``)."""
-    return [
+def final_stats(stats: RequestStats) -> dict[str, list[dict[str, object]]]:
+    """locust's final figures per (request type, name) and its failure messages, taken at exit."""
+    entries = [
         {
             "type": e.method,
             "name": e.name,
@@ -57,12 +60,17 @@ def final_stats(stats: RequestStats) -> list[dict[str, object]]:
         }
         for e in stats.entries.values()
     ]
+    errors = [
+        {"type": e.method, "name": e.name, "error": str(e.error), "occurrences": e.occurrences}
+        for e in stats.errors.values()
+    ]
+    return {"entries": entries, "errors": errors}
 
 
 def read_summary(path: Path) -> dict[str, TierStats]:
     """Per-tier figures from the locustfile's ``--summary-json`` (entries named ``/classify [<tier>]``)."""
     tiers: dict[str, TierStats] = {}
-    for entry in json.loads(path.read_text()):
+    for entry in json.loads(path.read_text())["entries"]:
         match = _TIER_NAME.match(entry["name"])
         if not match:
             continue
