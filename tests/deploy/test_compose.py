@@ -59,9 +59,13 @@ def config_of(service: dict[str, Any], monkeypatch: pytest.MonkeyPatch) -> Path:
     return path
 
 
-def test_gpu_service_reserves_an_nvidia_gpu(compose: dict[str, Any]) -> None:
-    devices = compose["services"][GPU_SERVICE]["deploy"]["resources"]["reservations"]["devices"]
-    assert devices == [{"driver": "nvidia", "count": 1, "capabilities": ["gpu"]}]
+def gpu_devices(service: dict[str, Any]) -> list[dict[str, Any]]:
+    return service["deploy"]["resources"]["reservations"]["devices"]
+
+
+def test_gpu_service_reserves_one_nvidia_gpu(compose: dict[str, Any]) -> None:
+    devices = gpu_devices(compose["services"][GPU_SERVICE])
+    assert devices == [{"driver": "nvidia", "device_ids": ["${TOME_GPU:-0}"], "capabilities": ["gpu"]}]
     assert compose["services"][GPU_SERVICE]["build"]["args"]["VARIANT"] == "gpu"
 
 
@@ -113,3 +117,43 @@ def test_cpu_override_replaces_the_gpu_service(compose: dict[str, Any], cpu_over
     gpu = compose["services"][GPU_SERVICE]
     assert cpu["restart"] == gpu["restart"] and cpu["stop_grace_period"] == gpu["stop_grace_period"]
     assert mounts(cpu) == mounts(gpu)
+
+
+def nginx_upstream(conf: str) -> tuple[list[str], int]:
+    """Servers of the tome_serve upstream, and client_max_body_size in bytes."""
+    block = re.search(r"upstream tome_serve \{(?P<body>[^}]*)\}", conf)
+    assert block, "no tome_serve upstream"
+    servers = re.findall(r"^\s*server\s+(\S+?);", block["body"], re.MULTILINE)
+    size = re.search(r"client_max_body_size\s+(\d+)m;", conf)
+    assert size, "client_max_body_size must be set in MiB"
+    return servers, int(size[1]) * 1024 * 1024
+
+
+def test_multi_gpu_override_one_replica_per_gpu(
+    compose: dict[str, Any], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    multi = load("docker-compose.multi-gpu.yml")
+    base = compose["services"][GPU_SERVICE]
+    replicas = {GPU_SERVICE: base}
+    replicas.update({k: v for k, v in multi["services"].items() if k.startswith(f"{GPU_SERVICE}-gpu")})
+    assert len(replicas) >= 2
+    device_ids = [gpu_devices(r)[0]["device_ids"] for r in replicas.values()]
+    assert device_ids[0] == ["${TOME_GPU:-0}"] and device_ids[1:] == [
+        [str(i)] for i in range(1, len(replicas))
+    ]
+    for name, replica in replicas.items():
+        assert replica.get("image") == base["image"], name
+        assert mounts(replica) == mounts(base) and replica["environment"] == base["environment"], name
+        assert replica["stop_grace_period"] == base["stop_grace_period"], name
+
+    lb = multi["services"]["lb"]
+    conf = (REPO_ROOT / mounts(lb)["/etc/nginx/conf.d/default.conf"]).read_text()
+    servers, max_body = nginx_upstream(conf)
+    assert servers == [f"{name}:8000" for name in replicas], "the load balancer must list every replica"
+    assert "listen 8080;" in conf and lb["ports"] == ["${TOME_LB_PORT:-8080}:8080"]
+    assert "http_503" in conf and "non_idempotent" in conf, "a full queue on one replica retries another"
+    assert max_body >= load_settings(config_of(base, monkeypatch)).limits.max_body_bytes
+
+    prom = REPO_ROOT / mounts(multi["services"]["prometheus"])["/etc/prometheus/prometheus.yml"]
+    job = next(j for j in yaml.safe_load(prom.read_text())["scrape_configs"] if j["job_name"] == "tome-serve")
+    assert job["static_configs"][0]["targets"] == servers, "Prometheus must scrape every replica"
