@@ -27,14 +27,14 @@ from tests.digits_model import (
 pytest.importorskip("sklearn")
 
 EPOCHS = 8
-R = 6  # constant r=6 over 4 blocks: 65 -> 41 tokens (24 of 64 patch tokens merged away)
+R = 4  # constant r=4 over 4 blocks: 65 -> 49 tokens (16 of 64 patch tokens merged away)
 DROP_SEEDS = range(5)
 
-# Thresholds, with headroom over what was measured (torch 2.15, 1 thread): r=0 0.869, ToMe r=6 0.820,
-# random drop 0.741 mean over 5 seeds (0.715-0.759). Deterministic, so headroom only absorbs
-# differences between torch builds and CPUs.
+# Thresholds, with headroom over what was measured (torch 2.15, 1 thread): r=0 0.869, ToMe r=4 0.852,
+# random drop of the same tokens per block 0.784 mean over 5 seeds. Deterministic, so headroom only
+# absorbs differences between torch builds and CPUs.
 MIN_ACC_R0 = 0.80  # chance is 0.10
-MAX_TOME_LOSS = 0.06  # r=0 accuracy minus ToMe accuracy
+MAX_TOME_LOSS = 0.03  # r=0 accuracy minus ToMe accuracy
 MIN_GAIN_OVER_DROP = 0.04  # ToMe accuracy minus mean random-drop accuracy
 
 
@@ -111,7 +111,7 @@ def test_token_count_falls_as_scheduled(trained: Trained) -> None:
         trace = model.forward_with_source(x, R)
     assert info.tokens_in == 65
     assert info.tokens_after_block[-1] == trace.size.shape[1] < info.tokens_in
-    assert info.tokens_after_block[-1] == info.tokens_in - sum(info.r_per_block) == 41
+    assert info.tokens_after_block[-1] == info.tokens_in - sum(info.r_per_block) == 49
     # every input token is covered by exactly one final token, and sizes count them
     assert torch.equal(trace.source.sum(dim=1), torch.ones(16, info.tokens_in, dtype=torch.long))
     assert torch.equal(trace.size, trace.source.sum(dim=2))
