@@ -192,3 +192,28 @@ def test_sigterm_during_load_answers_every_accepted_request(tmp_path: Path) -> N
     assert ready == 503 and late == 503
     assert [r.status_code for r in responses] == [200] * n
     assert all(len(r.json()["top_k"]) == 5 for r in responses)
+
+
+def test_request_whose_client_left_before_its_batch_is_not_run(tmp_path: Path) -> None:
+    config = _config(tmp_path, "random", 224, 4, "max_batch_size = 1\nmax_wait_ms = 0\nwarmup = false")
+    data = _images(1)[0]
+    n = 16
+
+    def impatient(_: int) -> bool:
+        try:
+            httpx.post(f"{url}/classify", content=data, headers={"content-type": "image/png"}, timeout=0.2)
+            return True
+        except httpx.TimeoutException:
+            return False  # the client closes its connection and goes away
+
+    with server(config, tmp_path) as (url, _):
+        with ThreadPoolExecutor(n) as pool:
+            answered = list(pool.map(impatient, range(n)))
+        deadline = time.monotonic() + 30
+        while metric_value(text := httpx.get(f"{url}/metrics").text, "tome_in_flight_requests") > 0:
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+        assert _post(url, data, "exact").status_code == 200  # still serving
+    assert answered.count(False) > 0
+    assert metric_value(text, "tome_images_total") < n  # queued work of departed clients was skipped
+    assert 0 < metric_value(text, "tome_requests_total", {"status": "499"}) <= answered.count(False)
