@@ -162,13 +162,25 @@ async def _drive(url: str, tier: str, images: list[bytes], concurrency: int, war
 
 
 def run_service(
-    args: argparse.Namespace, max_batch_size: int, images: list[bytes], workdir: Path
+    args: argparse.Namespace,
+    max_batch_size: int,
+    images: list[bytes],
+    workdir: Path,
+    bare: dict[str, float] | None,
 ) -> list[LoadResult]:
+    """Load the server tier by tier. With ``bare``, time the bare model just before each tier (server
+    idle), so both figures see the same machine load."""
     server = Server(_config(args, max_batch_size), workdir)
     try:
         server.wait_ready()
         results = []
         for tier in args.tiers:
+            if bare is not None:
+                bare[tier] = bare_throughput(args, max_batch_size, tier)
+                print(
+                    f"bare patched model tier={tier:<8} bs={max_batch_size}: {bare[tier]:8.1f} img/s",
+                    flush=True,
+                )
             lat, errors, seconds, mean_batch = asyncio.run(
                 _drive(server.url, tier, images, args.concurrency, args.warmup, args.duration)
             )
@@ -182,30 +194,27 @@ def run_service(
         server.stop()
 
 
-def bare_throughput(args: argparse.Namespace, batch_size: int) -> dict[str, float]:
-    """Images/s of the patched model alone, per tier, at ``batch_size`` (same device and dtype)."""
+def bare_throughput(args: argparse.Namespace, batch_size: int, tier: str) -> float:
+    """Images/s of the patched model alone at ``tier`` and ``batch_size`` (same device and dtype)."""
     device = torch.device(args.device)
     dtype = getattr(torch, args.dtype) if device.type == "cuda" else torch.float32
     model = tome.patch(timm.create_model(args.model, pretrained=False)).eval().to(device, dtype)
     tiers = build_tiers(model, None)
     size = model.vit.patch_embed.img_size
     x = torch.randn(batch_size, 3, *size, device=device, dtype=dtype)
-    out = {}
-    for name in args.tiers:
-        r = tiers[name].r
-        with torch.inference_mode():
-            for _ in range(3):
-                model(x, r=r)
-            if device.type == "cuda":
-                torch.cuda.synchronize()
-            n, start = 0, time.perf_counter()
-            while time.perf_counter() - start < args.bare_seconds:
-                model(x, r=r)
-                n += 1
-            if device.type == "cuda":
-                torch.cuda.synchronize()
-            out[name] = n * batch_size / (time.perf_counter() - start)
-    return out
+    r = tiers[tier].r
+    with torch.inference_mode():
+        for _ in range(3):
+            model(x, r=r)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        n, start = 0, time.perf_counter()
+        while time.perf_counter() - start < args.bare_seconds:
+            model(x, r=r)
+            n += 1
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+    return n * batch_size / (time.perf_counter() - start)
 
 
 def decode_ms(args: argparse.Namespace, images: list[bytes]) -> float:
@@ -251,12 +260,10 @@ def main(argv: list[str] | None = None) -> int:
         p.error(f"no *.JPEG under {args.images}")
     print(f"# {args.model} on {args.device}, {len(images)} JPEGs, torch threads={torch.get_num_threads()}")
     print(f"decode+preprocess: {decode_ms(args, images):.2f} ms/image (one thread)")
-    bare = bare_throughput(args, args.max_batch_size)
-    for tier, ips in bare.items():
-        print(f"bare patched model tier={tier:<8} bs={args.max_batch_size}: {ips:8.1f} img/s")
+    bare: dict[str, float] = {}
     with tempfile.TemporaryDirectory() as tmp:
-        results = run_service(args, args.max_batch_size, images, Path(tmp))
-        single = run_service(args, 1, images, Path(tmp)) if args.compare_batch1 else []
+        results = run_service(args, args.max_batch_size, images, Path(tmp), bare)
+        single = run_service(args, 1, images, Path(tmp), None) if args.compare_batch1 else []
     for r in results:
         print(f"service/bare tier={r.tier:<8}: {r.throughput / bare[r.tier]:.2f}")
     for r1, rn in zip(single, results, strict=False):
