@@ -377,6 +377,10 @@ def create_app(settings: ServiceSettings) -> FastAPI:
         except ClientGone:
             outcome.status = 499  # nginx's "client closed request": nobody reads this response
             response = Response(status_code=499)
+        except Exception:  # a failed batch (e.g. out of device memory): a JSON 500, counted, logged
+            log.exception("classify %s failed", outcome.request_id)
+            outcome.status = 500
+            response = _error_response(ApiError(500, "internal", "inference failed"), outcome.request_id)
         finally:
             runtime.request_finished()
         labels = {"model": outcome.model, "tier": outcome.tier}

@@ -238,3 +238,16 @@ def _tiny() -> dict:
     from .conftest import TINY_MODEL
 
     return dict(TINY_MODEL)
+
+
+def test_failed_batch_is_a_json_500_and_service_recovers(make_client, monkeypatch) -> None:
+    c = make_client()
+    model = c.app.state.runtime.models["tiny"].model
+    real = type(model).forward
+    monkeypatch.setattr(
+        type(model), "forward", lambda self, x, r=0: (_ for _ in ()).throw(RuntimeError("oom"))
+    )
+    r = classify(c)
+    assert r.status_code == 500 and r.json()["error"]["code"] == "internal"
+    monkeypatch.setattr(type(model), "forward", real)
+    assert_still_serving(c)
