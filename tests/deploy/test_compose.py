@@ -142,7 +142,7 @@ def test_multi_gpu_override_one_replica_per_gpu(
         [str(i)] for i in range(1, len(replicas))
     ]
     for name, replica in replicas.items():
-        assert replica.get("image") == base["image"], name
+        assert replica["image"] == base["image"] and replica["build"] == base["build"], name
         assert mounts(replica) == mounts(base) and replica["environment"] == base["environment"], name
         assert replica["stop_grace_period"] == base["stop_grace_period"], name
 
