@@ -51,7 +51,7 @@ class Runtime:
             loaded = load_model(spec, device)
             self.models[spec.name] = loaded
             self.preprocessors[spec.name] = Preprocessor(
-                loaded.data_config, self.settings.limits.max_image_pixels
+                loaded.data_config, self.settings.limits.max_image_pixels, self.settings.limits.jpeg_draft
             )
             self.labels[spec.name] = class_names(loaded.num_classes)
             for tier in loaded.tiers.values():

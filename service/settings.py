@@ -85,6 +85,7 @@ class LimitsSettings(BaseModel):
     max_image_pixels: int = Field(40_000_000, ge=1, description="width*height, checked from the header")
     deadline_ms: float = Field(10_000, gt=0, description="default per-request deadline")
     decode_workers: int = Field(2, ge=1, description="threads decoding and resizing images")
+    jpeg_draft: bool = Field(True, description="DCT-domain downscaling of large JPEGs while decoding")
     drain_timeout_s: float = Field(30.0, ge=0, description="longest wait for queued requests at shutdown")
 
 
