@@ -251,3 +251,15 @@ def test_failed_batch_is_a_json_500_and_service_recovers(make_client, monkeypatc
     assert r.status_code == 500 and r.json()["error"]["code"] == "internal"
     monkeypatch.setattr(type(model), "forward", real)
     assert_still_serving(c)
+
+
+def test_deadline_passing_in_queue_is_504_and_never_runs(make_client) -> None:
+    c = make_client(batching={"max_batch_size": 8, "max_wait_ms": 1000, "max_queue_size": 8})
+    text = c.get("/metrics").text
+    images_before = metric_value(text, "tome_images_total")
+    r = classify(c, headers={"X-Deadline-Ms": "50"})  # alone in its queue: its batch closes after 1 s
+    assert r.status_code == 504 and r.json()["error"]["code"] == "deadline"
+    text = c.get("/metrics").text
+    assert metric_value(text, "tome_rejections_total", {"reason": "deadline"}) == 1
+    assert classify(c).status_code == 200  # waits out max_wait, then runs alone
+    assert metric_value(c.get("/metrics").text, "tome_images_total") == images_before + 1  # the 504 never ran
