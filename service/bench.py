@@ -123,12 +123,20 @@ def _batch_stats(metrics_text: str, tier: str) -> tuple[float, float]:
 
 
 async def _drive(url: str, tier: str, images: list[bytes], concurrency: int, warmup: float, duration: float):
+    """Closed-loop load; counts only requests that complete inside the measured window.
+
+    ``/metrics`` is read through its own connection: the load client's pool is saturated, and waiting
+    for a free connection there would silently shorten the window.
+    """
     latencies: list[float] = []
     errors = 0
-    measuring = False
+    window: tuple[float, float] | None = None  # (start, end) in time.monotonic()
     stop_at = time.monotonic() + warmup + duration
     limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
-    async with httpx.AsyncClient(base_url=url, timeout=120, limits=limits) as client:
+    async with (
+        httpx.AsyncClient(base_url=url, timeout=120, limits=limits) as client,
+        httpx.AsyncClient(base_url=url, timeout=30) as metrics_client,
+    ):
 
         async def worker(k: int) -> None:
             nonlocal errors
@@ -142,7 +150,7 @@ async def _drive(url: str, tier: str, images: list[bytes], concurrency: int, war
                     headers={"content-type": "image/jpeg"},
                 )
                 i += concurrency
-                if measuring:
+                if window is not None and window[0] <= time.monotonic() <= window[1]:
                     if r.status_code == 200:
                         latencies.append((time.perf_counter() - start) * 1000)
                     else:
@@ -150,15 +158,14 @@ async def _drive(url: str, tier: str, images: list[bytes], concurrency: int, war
 
         tasks = [asyncio.create_task(worker(k)) for k in range(concurrency)]
         await asyncio.sleep(warmup)
-        before = _batch_stats((await client.get("/metrics")).text, tier)
-        measuring = True
-        t0 = time.monotonic()
+        before = _batch_stats((await metrics_client.get("/metrics")).text, tier)
+        window = (time.monotonic(), stop_at)
+        await asyncio.sleep(max(0.0, stop_at - time.monotonic()))
+        after = _batch_stats((await metrics_client.get("/metrics")).text, tier)
         await asyncio.gather(*tasks)
-        seconds = time.monotonic() - t0
-        after = _batch_stats((await client.get("/metrics")).text, tier)
     batches = after[1] - before[1]
     mean_batch = (after[0] - before[0]) / batches if batches else 0.0
-    return latencies, errors, seconds, mean_batch
+    return latencies, errors, window[1] - window[0], mean_batch
 
 
 def run_service(
