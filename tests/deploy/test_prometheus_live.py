@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import json
 import shutil
-import subprocess
 import time
 import urllib.parse
 from collections.abc import Callable, Iterator
@@ -19,7 +18,9 @@ import pytest
 import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
-from .conftest import REPO_ROOT, SHARED_IMAGES, LiveServer, free_port, http_get
+from tests.processes import free_port, http_get, running
+
+from .conftest import REPO_ROOT, SHARED_IMAGES, LiveServer
 
 PROMETHEUS = shutil.which("prometheus")
 pytestmark = pytest.mark.skipif(
@@ -54,30 +55,9 @@ def prometheus(live_server: LiveServer, tmp_path_factory: pytest.TempPathFactory
         f"--storage.tsdb.path={work / 'data'}",
         f"--web.listen-address=127.0.0.1:{port}",
     ]
-    with log.open("wb") as out:
-        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + WAIT_S
-        while True:
-            if proc.poll() is not None:
-                pytest.fail(f"prometheus exited with {proc.returncode}:\n{log.read_text()[-3000:]}")
-            try:
-                if http_get(url + "/-/ready", timeout=2)[0] == 200:
-                    break
-            except OSError:
-                pass
-            if time.monotonic() > deadline:
-                pytest.fail(f"prometheus not ready after {WAIT_S:.0f} s:\n{log.read_text()[-3000:]}")
-            time.sleep(0.25)
+    with running(cmd, url + "/-/ready", log, WAIT_S):
         yield url
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
 
 
 def query(prom_url: str, promql: str) -> list[dict[str, Any]]:

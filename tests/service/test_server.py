@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import io
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -22,16 +21,11 @@ from PIL import Image
 from timm.data import create_transform
 
 from models import tome
+from tests.processes import free_port, running
 
 from .conftest import image_bytes, metric_value
 
 REPO = Path(__file__).resolve().parents[2]
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _config(tmp_path: Path, weights: str, img_size: int, depth: int, batching: str) -> Path:
@@ -56,44 +50,12 @@ deadline_ms = 30000
 @contextmanager
 def server(config: Path, tmp_path: Path) -> Iterator[tuple[str, subprocess.Popen]]:
     """Start the CLI on a free loopback port, wait for /readyz, always stop it."""
-    port = _free_port()
-    log = (tmp_path / "server.log").open("w")
-    proc = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "service.cli",
-            "--config",
-            str(config),
-            "--port",
-            str(port),
-            "--log-level",
-            "warning",
-        ],
-        cwd=REPO,
-        stdout=log,
-        stderr=subprocess.STDOUT,
-    )
+    port = free_port()
+    cmd = [sys.executable, "-m", "service.cli", "--config", str(config), "--port", str(port)]
+    cmd += ["--log-level", "warning"]
     url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 90
-        while True:
-            if proc.poll() is not None:
-                pytest.fail(f"server exited with {proc.returncode}: {(tmp_path / 'server.log').read_text()}")
-            try:
-                if httpx.get(f"{url}/readyz", timeout=1).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            if time.monotonic() > deadline:
-                pytest.fail("server not ready within 90 s")
-            time.sleep(0.1)
+    with running(cmd, f"{url}/readyz", tmp_path / "server.log", timeout_s=90, cwd=REPO) as proc:
         yield url, proc
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-        proc.wait(10)
-        log.close()
 
 
 def _post(url: str, data: bytes, tier: str, top_k: int = 5) -> httpx.Response:
