@@ -355,8 +355,10 @@ def create_app(settings: ServiceSettings) -> FastAPI:
         tier: Annotated[
             str | None, Query(description="speed/accuracy tier; see GET /tiers", examples=["fast"])
         ] = None,
-        top_k: Annotated[int, Query(description="how many classes to return")] = 5,
-        model: Annotated[str | None, Query(description="model name; see GET /models")] = None,
+        top_k: Annotated[int, Query(description="how many classes to return", examples=[5])] = 5,
+        model: Annotated[
+            str | None, Query(description="model name; see GET /models", examples=["vit-base"])
+        ] = None,
         r: Annotated[
             int | None, Query(description="raw ToMe r (only when the model's config allows it)")
         ] = None,

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, ConfigDict, Field
 
 
 class ErrorDetail(BaseModel):
@@ -12,6 +12,21 @@ class ErrorDetail(BaseModel):
 
 
 class ErrorResponse(BaseModel):
+    model_config = ConfigDict(
+        json_schema_extra={
+            "examples": [
+                {
+                    "error": {
+                        "code": "unknown_tier",
+                        "message": "unknown tier 'turbo' for model 'vit-base'",
+                        "valid": ["exact", "balanced", "fast", "fastest"],
+                    },
+                    "request_id": "3aff34bb16bc40cfa4d1b78397e1efe0",
+                }
+            ]
+        }
+    )
+
     error: ErrorDetail
     request_id: str | None = None
 
@@ -39,6 +54,48 @@ class ImageResult(BaseModel):
 
 
 class ClassifyResponse(BaseModel):
+    model_config = ConfigDict(
+        json_schema_extra={
+            "examples": [
+                {
+                    "request_id": "17141e78454840639f25e5a37e917e68",
+                    "model": "vit-base",
+                    "tier": "fast",
+                    "schedule": "r=13",
+                    "r_per_block": [13] * 12,
+                    "top_k": [
+                        {"label": "tench, Tinca tinca", "index": 0, "score": 0.91},
+                        {"label": "goldfish, Carassius auratus", "index": 1, "score": 0.02},
+                    ],
+                    "timings": {"queue_ms": 3.1, "inference_ms": 41.7, "total_ms": 52.4},
+                    "batch_size": 24,
+                },
+                {
+                    "request_id": "3e37eb90b2234aac8646b72409647397",
+                    "model": "vit-base",
+                    "tier": "fast",
+                    "schedule": "r=13",
+                    "r_per_block": [13] * 12,
+                    "results": [
+                        {
+                            "filename": "tench.jpg",
+                            "top_k": [{"label": "tench, Tinca tinca", "index": 0, "score": 0.91}],
+                            "timings": {"queue_ms": 3.0, "inference_ms": 41.7, "total_ms": 60.2},
+                            "batch_size": 24,
+                        },
+                        {
+                            "filename": "notes.txt",
+                            "error": {
+                                "code": "bad_image",
+                                "message": "not a supported image (accepted: BMP, GIF, JPEG, PNG, WEBP)",
+                            },
+                        },
+                    ],
+                },
+            ]
+        }
+    )
+
     request_id: str
     model: str
     tier: str

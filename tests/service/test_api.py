@@ -5,6 +5,8 @@ from __future__ import annotations
 import pytest
 from fastapi.testclient import TestClient
 
+from service.schemas import ClassifyResponse, ErrorResponse
+
 from .conftest import image_bytes, metric_value
 
 PNG = image_bytes("PNG")
@@ -110,6 +112,16 @@ def test_tiers_models_health(client: TestClient) -> None:
         "multipart/form-data"
         in client.get("/openapi.json").json()["paths"]["/classify"]["post"]["requestBody"]["content"]
     )
+
+
+def test_openapi_examples_are_valid_responses(client: TestClient) -> None:
+    """The examples /docs shows are real response bodies (validated by the response models)."""
+    schemas = client.get("/openapi.json").json()["components"]["schemas"]
+    for name, model in (("ClassifyResponse", ClassifyResponse), ("ErrorResponse", ErrorResponse)):
+        examples = schemas[name]["examples"]
+        assert examples
+        for example in examples:
+            model.model_validate(example)
 
 
 def test_metrics_exposed(client: TestClient) -> None:
