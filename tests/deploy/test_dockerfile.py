@@ -61,6 +61,8 @@ def test_gpu_and_cpu_variants() -> None:
     assert all_stages["runtime"][0] == ("FROM", "base-${VARIANT} AS runtime")
     cpu_runs = " ".join(a for k, a in all_stages["base-cpu"] if k == "RUN")
     assert "torch" in cpu_runs and "TORCH_INDEX_URL" in cpu_runs, "CPU variant installs CPU-only torch"
+    # timm imports torchvision: from PyPI it would pull a CUDA torch back into the CPU image
+    assert '"torchvision==${TORCHVISION_VERSION}"' in cpu_runs, "torchvision from the same CPU index"
 
 
 def test_dependencies_layer_comes_before_the_source(runtime_stage: list[tuple[str, str]]) -> None:
