@@ -14,6 +14,8 @@ import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 from timm.data import create_transform
 
+from .fast_transform import FusedCenterCrop, fused_center_crop
+
 ALLOWED_FORMATS = frozenset({"JPEG", "PNG", "WEBP", "BMP", "GIF"})
 
 
@@ -47,11 +49,21 @@ class Preprocessor:
     With ``jpeg_draft``, a JPEG at least four times the resize target is decoded at 1/2, 1/4 or 1/8
     scale in the DCT domain (never below twice the target, PIL's ``reducing_gap=2`` convention), then
     resized as usual: much faster for large photos, within a stated tolerance of full decoding
-    (tests/service/test_preprocess.py). Smaller images are unaffected and match timm's reference exactly.
+    (tests/service/test_preprocess.py).
+
+    With ``fused`` (default), timm's standard center-crop eval transform is replaced by
+    ``FusedCenterCrop`` (service/fast_transform.py): one boxed Pillow resize of only the kept region and
+    one conversion pass, within a stated tolerance of timm's transform; any other config (crop modes
+    'squash'/'border', non-square resize, nearest/box filters, ...) keeps timm's transform unchanged.
     """
 
-    def __init__(self, data_config: dict[str, Any], max_pixels: int, jpeg_draft: bool = True) -> None:
-        self.transform = create_transform(**data_config, is_training=False)
+    def __init__(
+        self, data_config: dict[str, Any], max_pixels: int, jpeg_draft: bool = True, fused: bool = True
+    ) -> None:
+        self.reference = create_transform(**data_config, is_training=False)
+        fast = fused_center_crop(data_config, self.reference) if fused else None
+        self.fused: FusedCenterCrop | None = fast
+        self.transform = fast if fast is not None else self.reference
         self.max_pixels = max_pixels
         self.draft_size = _resize_target(data_config) if jpeg_draft else None
 

@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import io
 
+import numpy as np
 import pytest
 import torch
 from PIL import Image
 from timm.data import create_transform
 
+from service.fast_transform import FusedCenterCrop, crop_box, fused_center_crop
 from service.preprocess import ImageRejected, Preprocessor
 
 from .conftest import image_bytes, sample_images
@@ -101,7 +103,7 @@ def test_rejections(pre: Preprocessor, data: bytes, status: int) -> None:
 
 
 def test_equals_timm_reference_on_real_images() -> None:
-    exact = Preprocessor(DATA_CONFIG, max_pixels=1_000_000, jpeg_draft=False)
+    exact = Preprocessor(DATA_CONFIG, max_pixels=1_000_000, jpeg_draft=False, fused=False)
     for path in sample_images(5):
         data = path.read_bytes()
         torch.testing.assert_close(exact(data), reference(data), rtol=0, atol=0)
@@ -109,7 +111,7 @@ def test_equals_timm_reference_on_real_images() -> None:
 
 def test_jpeg_draft_is_exact_below_twice_the_target() -> None:
     config = {**DATA_CONFIG, "input_size": (3, 224, 224)}  # resize target 256: ImageNet JPEGs < 1024 px
-    pre = Preprocessor(config, max_pixels=10**8)
+    pre = Preprocessor(config, max_pixels=10**8, fused=False)  # the fused path: tests below
     transform = create_transform(**config)
     for path in sample_images(5):
         data = path.read_bytes()
@@ -132,3 +134,114 @@ def test_jpeg_draft_downscales_large_jpegs_within_tolerance(pre: Preprocessor) -
         assert 2 * 73 <= min(decoded.size) <= 800 / 4  # reduced scale, never below twice the target
         diff = (pre(data) - reference(data)).abs()
         assert diff.mean().item() < 0.01 and diff.max().item() < 0.25
+
+
+# --- fused fast path (service/fast_transform.py) vs timm's transform --------------------------------
+# ViT-S/16's config: Resize(248, bicubic) -> CenterCrop(224) -> ToTensor -> Normalize.
+VIT_CONFIG = {**DATA_CONFIG, "input_size": (3, 224, 224), "crop_pct": 0.9}
+# Stated tolerances, normalized units (one uint8 step = 1 / 255 / std ~ 0.0175). Measured (Pillow 13):
+#   100 ImageNet JPEGs, bicubic: max 0.175, mean 3.9e-4, worst image mean 4.6e-3
+#   awkward sizes below: max 0.0525 (bicubic, lanczos; 3 steps), 0.035 (bilinear, hamming; 2 steps);
+#   mean <= 3.3e-4, worst image mean 3.7e-3
+# The rare multi-step pixels are Pillow choosing the other order for its two separable passes in the boxed
+# call (uint8 intermediate; see service/fast_transform.py), not box geometry: with one resampled axis the
+# box is within one step.
+REAL_MAX_DIFF = 0.22
+SYNTH_MAX_DIFF = {"bicubic": 0.07, "lanczos": 0.07, "bilinear": 0.04, "hamming": 0.04}
+MEAN_DIFF = 5e-4  # mean over the images of a test
+IMAGE_MEAN_DIFF = 6e-3  # any one image
+AWKWARD_SIZES = [
+    (224, 224), (248, 248), (249, 248), (248, 300), (300, 248), (225, 223), (100, 100), (50, 37),
+    (17, 13), (1, 1), (3, 500), (500, 3), (2000, 40), (40, 2000), (333, 777), (777, 333), (1001, 999),
+    (255, 257), (247, 1000), (1000, 247), (1600, 1200),
+]  # fmt: skip
+
+
+def _fused_and_reference(config: dict) -> tuple[FusedCenterCrop, object]:
+    reference = create_transform(**config, is_training=False)
+    fused = fused_center_crop(config, reference)
+    assert isinstance(fused, FusedCenterCrop)
+    return fused, reference
+
+
+def _check_close(
+    fused: FusedCenterCrop, reference: object, images: list[Image.Image], max_diff: float
+) -> None:
+    means = []
+    for img in images:
+        got, want = fused(img), reference(img)
+        assert got.shape == want.shape and got.dtype == torch.float32 and got.is_contiguous()
+        diff = (got - want).abs()
+        assert diff.max().item() < max_diff, (img.size, diff.max().item())
+        assert diff.mean().item() < IMAGE_MEAN_DIFF, (img.size, diff.mean().item())
+        means.append(diff.mean().item())
+    assert float(np.mean(means)) < MEAN_DIFF
+
+
+def test_preprocessor_uses_fused_path_for_center_crop() -> None:
+    pre = Preprocessor(VIT_CONFIG, max_pixels=10**8)
+    assert isinstance(pre.fused, FusedCenterCrop) and pre.transform is pre.fused
+    assert Preprocessor(VIT_CONFIG, max_pixels=10**8, fused=False).fused is None
+
+
+def test_fused_close_to_timm_on_all_real_images() -> None:
+    fused, reference = _fused_and_reference(VIT_CONFIG)
+    _check_close(fused, reference, [Image.open(p).convert("RGB") for p in sample_images(100)], REAL_MAX_DIFF)
+
+
+@pytest.mark.parametrize("interp", ["bicubic", "bilinear", "lanczos", "hamming"])
+def test_fused_close_to_timm_on_awkward_sizes(interp: str) -> None:
+    """Odd, very wide, very tall, smaller than the crop, exactly the crop and resize sizes; natural
+    content (real photos resized), so the comparison is about geometry, not noise."""
+    fused, reference = _fused_and_reference({**VIT_CONFIG, "interpolation": interp})
+    photos = [Image.open(p).convert("RGB") for p in sample_images(len(AWKWARD_SIZES))]
+    images = [
+        photo.resize(size, Image.Resampling.LANCZOS)
+        for photo, size in zip(photos, AWKWARD_SIZES, strict=True)
+    ]
+    _check_close(fused, reference, images, SYNTH_MAX_DIFF[interp])
+
+
+def test_fused_exact_when_no_resampling_is_needed() -> None:
+    """Short side already the resize target: torchvision's resize is a copy, the fused path crops."""
+    fused, reference = _fused_and_reference(VIT_CONFIG)
+    rng = np.random.default_rng(0)
+    for size in [(248, 248), (248, 301), (395, 248), (248, 249)]:
+        img = Image.fromarray(rng.integers(0, 256, (size[1], size[0], 3), dtype=np.uint8))
+        torch.testing.assert_close(fused(img), reference(img), rtol=0, atol=1e-6)
+
+
+def test_crop_box_matches_torchvision_geometry() -> None:
+    # 500x375 -> Resize(248) gives 330x248 (int(248 * 500 / 375) = 330); crop offsets round((330-224)/2)=53
+    box = (53 * 500 / 330, 12 * 375 / 248, 277 * 500 / 330, 236 * 375 / 248)
+    assert crop_box(500, 375, 248, 224, 224) == pytest.approx(box)
+    # round-half-even offsets, like torchvision: (227 - 224) / 2 = 1.5 -> 2, (225 - 224) / 2 = 0.5 -> 0
+    assert crop_box(227, 225, 225, 224, 224)[0] == pytest.approx(2 * 227 / 227)
+    assert crop_box(225, 227, 225, 224, 224)[1] == pytest.approx(2 * 227 / 227)
+    assert crop_box(225, 225, 225, 224, 224)[:2] == (0.0, 0.0)
+    assert crop_box(100, 100, 248, 300, 300) is None  # the crop would pad: left to timm
+
+
+@pytest.mark.parametrize(
+    "config",
+    [
+        {**VIT_CONFIG, "crop_mode": "squash"},
+        {**VIT_CONFIG, "crop_mode": "border"},
+        {**VIT_CONFIG, "input_size": (3, 224, 160)},  # non-square resize: timm's ResizeKeepRatio
+        {**VIT_CONFIG, "interpolation": "nearest"},
+        {**VIT_CONFIG, "interpolation": "box"},
+        {**VIT_CONFIG, "crop_border_pixels": 4},
+        {**VIT_CONFIG, "crop_pct": 1.2},  # resize smaller than the crop: timm pads
+    ],
+    ids=["squash", "border", "non-square", "nearest", "box", "crop-border", "crop-pct-over-1"],
+)
+def test_other_configs_use_timm_transform_exactly(config: dict) -> None:
+    pre = Preprocessor(config, max_pixels=10**8)
+    reference = create_transform(**config, is_training=False)
+    if config.get("crop_pct", 0) > 1:  # fused path kept, but every image falls back to timm's transform
+        assert pre.fused is not None
+    else:
+        assert pre.fused is None and pre.transform is pre.reference
+    for path in sample_images(3):
+        data = path.read_bytes()
+        torch.testing.assert_close(pre(data), reference(pre.decode(data)), rtol=0, atol=0)
