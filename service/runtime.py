@@ -50,8 +50,9 @@ class Runtime:
         for spec in self.settings.models:
             loaded = load_model(spec, device)
             self.models[spec.name] = loaded
+            limits = self.settings.limits
             self.preprocessors[spec.name] = Preprocessor(
-                loaded.data_config, self.settings.limits.max_image_pixels, self.settings.limits.jpeg_draft
+                loaded.data_config, limits.max_image_pixels, limits.jpeg_draft, fused=limits.fused_resize
             )
             self.labels[spec.name] = class_names(loaded.num_classes)
             for tier in loaded.tiers.values():

@@ -275,3 +275,13 @@ def test_deadline_passing_in_queue_is_504_and_never_runs(make_client) -> None:
     assert metric_value(text, "tome_rejections_total", {"reason": "deadline"}) == 1
     assert classify(c).status_code == 200  # waits out max_wait, then runs alone
     assert metric_value(c.get("/metrics").text, "tome_images_total") == images_before + 1  # the 504 never ran
+
+
+@pytest.mark.parametrize("fused", [True, False])
+def test_fused_resize_setting_picks_the_preprocessing_path(make_client, fused: bool) -> None:
+    client = make_client(limits={"fused_resize": fused})
+    preprocessor = client.app.state.runtime.preprocessors["tiny"]
+    assert (preprocessor.fused is not None) is fused
+    body = image_bytes("PNG", size=(90, 70))
+    r = client.post("/classify", content=body, headers={"content-type": "image/png"})
+    assert r.status_code == 200
