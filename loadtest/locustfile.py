@@ -27,8 +27,7 @@ from loadtest.validate import check_classify_response
 from loadtest.workload import DEFAULT_IMAGES_DIR, Workload, load_images, parse_tier_mix
 
 log = logging.getLogger("loadtest")
-_workload: Workload | None = None
-_environment: Environment | None = None
+WORKLOAD_ATTR = "tome_workload"  # the run's Workload lives on locust's Environment, not in a global
 
 
 @events.init_command_line_parser.add_listener
@@ -51,30 +50,27 @@ def _add_arguments(parser: Any) -> None:
 
 @events.init.add_listener
 def _on_init(environment: Environment, **_: Any) -> None:
-    global _workload, _environment
-    _environment = environment
     opts = environment.parsed_options
     if opts is None:  # locust used as a library without command-line options
         return
     images_dir = Path(opts.images_dir) if opts.images_dir else None
     images = load_images(images_dir)
     source = images_dir if images and not images[0].name.startswith("generated-") else "generated"
-    _workload = Workload(
+    workload = Workload(
         tiers=parse_tier_mix(opts.tiers),
         images=images,
         images_per_request=opts.images_per_request,
         top_k=opts.top_k,
         model=opts.model or None,
     )
-    log.info("load test: tiers %s, %d images from %s", _workload.tiers, len(images), source)
+    setattr(environment, WORKLOAD_ATTR, workload)
+    log.info("load test: tiers %s, %d images from %s", workload.tiers, len(images), source)
+    if opts.summary_json:
 
-
-@events.quit.add_listener
-def _on_quit(**_: Any) -> None:
-    env = _environment
-    if env is None or env.parsed_options is None or not env.parsed_options.summary_json:
-        return
-    Path(env.parsed_options.summary_json).write_text(json.dumps(final_stats(env.stats), indent=2))
+        @events.quit.add_listener
+        def _write_summary(**_: Any) -> None:
+            """At exit, when the stats are final (locust's CSV can lag the end by ~1 s)."""
+            Path(opts.summary_json).write_text(json.dumps(final_stats(environment.stats), indent=2))
 
 
 class ClassifyUser(HttpUser):
@@ -83,9 +79,10 @@ class ClassifyUser(HttpUser):
     wait_time = constant(0)
 
     def on_start(self) -> None:
-        if _workload is None:
+        workload = getattr(self.environment, WORKLOAD_ATTR, None)
+        if workload is None:
             raise RuntimeError("the workload was not set up (run through locust's command line)")
-        self.workload = _workload
+        self.workload = workload
         self.rng = random.Random()
 
     @task
