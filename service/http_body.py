@@ -9,18 +9,14 @@ from starlette.datastructures import UploadFile
 from starlette.formparsers import MultiPartException, MultiPartParser
 from starlette.requests import Request
 
+from .rejections import Rejection
+
 RAW_BODY_TYPES = ("image/", "application/octet-stream")
 FILE_FIELD = "file"
 
 
-class BodyRejected(Exception):
-    """The body cannot be read as images; carries the HTTP status, a metrics reason and a message."""
-
-    def __init__(self, status: int, reason: str, message: str) -> None:
-        super().__init__(message)
-        self.status = status
-        self.reason = reason
-        self.message = message
+class BodyRejected(Rejection):
+    """The body cannot be read as images."""
 
 
 @dataclass(frozen=True)

@@ -15,18 +15,13 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 from timm.data import create_transform
 
 from .fast_transform import FusedCenterCrop, fused_center_crop
+from .rejections import Rejection
 
 ALLOWED_FORMATS = frozenset({"JPEG", "PNG", "WEBP", "BMP", "GIF"})
 
 
-class ImageRejected(ValueError):
-    """An image the service will not classify; carries the HTTP status and a metrics reason."""
-
-    def __init__(self, status: int, reason: str, message: str) -> None:
-        super().__init__(message)
-        self.status = status
-        self.reason = reason
-        self.message = message
+class ImageRejected(Rejection, ValueError):
+    """An image the service will not classify."""
 
 
 def _to_rgb(img: Image.Image) -> Image.Image:
