@@ -12,7 +12,6 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 
@@ -20,6 +19,7 @@ import timm
 import torch
 
 from models import tome
+from models.timing import time_call
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 DEFAULT_SCHEDULES = "0,4,8,13,16,16:-1"
@@ -48,19 +48,6 @@ def parse_schedule(text: str) -> tome.RSpec:
     return int(text)
 
 
-def _timer(device: torch.device) -> Callable[[Callable[[], object]], float]:
-    def timed(fn: Callable[[], object]) -> float:
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        start = time.perf_counter()
-        fn()
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        return time.perf_counter() - start
-
-    return timed
-
-
 def run(args: argparse.Namespace) -> list[Row]:
     device = torch.device(args.device)
     dtype = DTYPES[args.dtype]
@@ -77,15 +64,14 @@ def run(args: argparse.Namespace) -> list[Row]:
     for r in schedules:
         variants.append(("tome", str(r), lambda r=r: model(x, r=r), model.schedule_info(r)))
 
-    timed = _timer(device)
     times: dict[int, list[float]] = {i: [] for i in range(len(variants))}
     with torch.inference_mode():
         for _, _, fn, _ in variants:
             for _ in range(args.warmup):
-                timed(fn)
+                time_call(fn, device)
         for _ in range(args.runs):
             for i, (_, _, fn, _) in enumerate(variants):
-                times[i].append(timed(fn))
+                times[i].append(time_call(fn, device))
 
     stock_s = statistics.median(times[0])
     stock_gflops = variants[0][3].gflops

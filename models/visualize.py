@@ -15,10 +15,11 @@ from pathlib import Path
 import timm
 import torch
 from PIL import Image
-from timm.data import create_transform, resolve_data_config
+from timm.data import create_transform
 
 from models import tome
 from models.bench import parse_schedule
+from models.timm_data import model_data_config
 
 BORDER_VALUE = 20
 
@@ -53,9 +54,7 @@ def visualize(
     model: tome.ToMeVisionTransformer, image: Image.Image, r: tome.RSpec
 ) -> tuple[Image.Image, int]:
     """The merge picture for ``image`` at schedule ``r`` and the number of tokens left."""
-    # The model's real input size: timm's pretrained config keeps its default when img_size is overridden.
-    input_size = (3, *model.vit.patch_embed.img_size)
-    config = resolve_data_config({"input_size": input_size}, model=model.vit)
+    config = model_data_config(model.vit)
     x = create_transform(**config)(image.convert("RGB"))
     with torch.inference_mode():
         trace = model.forward_with_source(x[None], r=r)

@@ -27,6 +27,7 @@ import timm
 import torch
 
 from models import tome
+from models.timm_data import model_data_config
 
 from .preprocess import Preprocessor
 from .tiers import build_tiers
@@ -227,7 +228,7 @@ def bare_throughput(args: argparse.Namespace, batch_size: int, tier: str) -> flo
 def decode_ms(args: argparse.Namespace, images: list[bytes], fused: bool, rounds: int = 3) -> float:
     """Mean ms to decode and preprocess one image in one thread: best of ``rounds`` after a warm-up."""
     vit = timm.create_model(args.model, pretrained=False)
-    pre = Preprocessor(timm.data.resolve_data_config(model=vit), max_pixels=10**8, fused=fused)
+    pre = Preprocessor(model_data_config(vit), max_pixels=10**8, fused=fused)
     for data in images:
         pre(data)
     best = float("inf")

@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-import time
-
 import torch
+
+from models.timing import time_call
 
 from .batcher import RunBatch
 from .model_loading import LoadedModel
@@ -34,14 +34,8 @@ def batch_buckets(max_batch_size: int) -> list[int]:
 
 
 def _time_once(loaded: LoadedModel, x: torch.Tensor, r: object) -> float:
-    if loaded.device.type == "cuda":
-        torch.cuda.synchronize(loaded.device)
-    start = time.perf_counter()
     with torch.inference_mode():
-        loaded.model(x, r=r)
-    if loaded.device.type == "cuda":
-        torch.cuda.synchronize(loaded.device)
-    return time.perf_counter() - start
+        return time_call(lambda: loaded.model(x, r=r), loaded.device)
 
 
 def warm_up(loaded: LoadedModel, max_batch_size: int, repeats: int = 3) -> dict[str, float]:

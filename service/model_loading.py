@@ -9,9 +9,9 @@ from typing import Any
 
 import timm
 import torch
-from timm.data import resolve_data_config
 
 from models import tome
+from models.timm_data import model_data_config
 
 from .settings import ModelSpec
 from .tiers import Tier, build_tiers
@@ -93,14 +93,6 @@ def _create_from_file(spec: ModelSpec, path: Path) -> tuple[torch.nn.Module, str
     return vit, f"file:{path}"
 
 
-def _data_config(vit: torch.nn.Module) -> dict[str, Any]:
-    config = resolve_data_config({}, model=vit)
-    # timm's pretrained cfg keeps its default input size when img_size is overridden: trust the model
-    img_size = tuple(vit.patch_embed.img_size)
-    config["input_size"] = (3, *img_size)
-    return config
-
-
 def load_model(spec: ModelSpec, device: torch.device) -> LoadedModel:
     """Create, load and patch one model; raises ``ModelLoadError`` with a message saying what to set."""
     vit, source = _create(spec)
@@ -127,6 +119,6 @@ def load_model(spec: ModelSpec, device: torch.device) -> LoadedModel:
         dtype=dtype,
         weights_source=source,
         num_classes=int(vit.num_classes),
-        data_config=_data_config(vit),
+        data_config=model_data_config(vit),
         tiers=tiers,
     )

@@ -109,9 +109,7 @@ class Runtime:
         return tier, self.queues[(loaded.name, tier.name)]
 
     def raw_r_max(self, loaded: LoadedModel) -> int:
-        return max_raw_r(
-            loaded.tiers[next(iter(loaded.tiers))].info.tokens_in - loaded.model.num_prefix_tokens
-        )
+        return max_raw_r(loaded.model)
 
     # ---- request accounting and drain ------------------------------------------------------------
     def request_started(self) -> None:

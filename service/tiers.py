@@ -39,16 +39,20 @@ def default_tier_specs(depth: int, unprotected_tokens: int) -> dict[str, TierSpe
     }
 
 
-def max_raw_r(unprotected_tokens: int) -> int:
+def unprotected_tokens(model: tome.ToMeVisionTransformer) -> int:
+    """Tokens entering the first block that may merge (all but class/distillation/register tokens)."""
+    return model.schedule_info(0).tokens_in - model.num_prefix_tokens
+
+
+def max_raw_r(model: tome.ToMeVisionTransformer) -> int:
     """Largest useful constant r: the first block can merge at most half the unprotected tokens."""
-    return unprotected_tokens // 2
+    return unprotected_tokens(model) // 2
 
 
 def build_tiers(model: tome.ToMeVisionTransformer, specs: dict[str, TierSpec] | None) -> dict[str, Tier]:
     """Resolve tier specs (or the defaults) against ``model``; raises ValueError on a bad schedule."""
-    info0 = model.schedule_info(0)
-    unprotected = info0.tokens_in - model.num_prefix_tokens
-    specs = specs if specs is not None else default_tier_specs(model.depth, unprotected)
+    if specs is None:
+        specs = default_tier_specs(model.depth, unprotected_tokens(model))
     if not specs:
         raise ValueError("a model needs at least one tier")
     tiers = {}
@@ -61,8 +65,7 @@ def build_tiers(model: tome.ToMeVisionTransformer, specs: dict[str, TierSpec] | 
 
 def raw_r_tier(model: tome.ToMeVisionTransformer, r: int) -> Tier:
     """A tier for a raw ``?r=`` value; raises ValueError outside ``0..max_raw_r``."""
-    info0 = model.schedule_info(0)
-    limit = max_raw_r(info0.tokens_in - model.num_prefix_tokens)
+    limit = max_raw_r(model)
     if not 0 <= r <= limit:
         raise ValueError(f"r must be between 0 and {limit} for this model, got {r}")
     return Tier(f"r{r}", r, model.schedule_info(r))
