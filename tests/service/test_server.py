@@ -159,7 +159,7 @@ def test_sigterm_during_load_answers_every_accepted_request(tmp_path: Path) -> N
 def test_request_whose_client_left_before_its_batch_is_not_run(tmp_path: Path) -> None:
     config = _config(tmp_path, "random", 224, 4, "max_batch_size = 1\nmax_wait_ms = 0\nwarmup = false")
     data = _images(1)[0]
-    n = 16
+    n = 64  # one image per batch: the queue outlasts the clients' 0.2 s patience, so some must leave
 
     def impatient(_: int) -> bool:
         try:
