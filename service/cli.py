@@ -10,7 +10,7 @@ import os
 
 # libgomp reads this once, when torch loads it, so it must be set before torch is imported. Idle
 # OpenMP workers then sleep instead of spinning, leaving the cores to the decode and HTTP threads
-# between batches (on a 2-core CPU host: +7-11% service throughput, see BENCHMARKS.md).
+# between batches (on the 2-core dev VM no difference beyond noise was measured; see BENCHMARKS.md).
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import argparse
