@@ -1,9 +1,10 @@
 """Service benchmark: per-tier throughput and latency percentiles of the real server under load.
 
-Starts ``python -m service.cli`` on a free loopback port with a generated config, drives it with
-``--concurrency`` closed-loop clients posting real JPEGs for ``--duration`` seconds per tier, and
-compares with the bare patched model at the same tier and batch size (measured in this process while
-the server is down). ``--compare-batch1`` repeats the run with max_batch_size=1.
+Starts ``python -m service.cli`` on a free loopback port with a generated config (and, with
+``--compare-batch1``, a second one with max_batch_size=1). Per tier it runs ``--rounds`` rounds of: the
+bare patched model at the same tier and batch size, in this process with the servers idle; then
+``--duration`` seconds of load from ``--concurrency`` closed-loop clients posting real JPEGs to each
+server in turn. Ratios are taken within a round, so the machine's drift over minutes cancels out.
 
     python -m service.bench --model vit_small_patch16_224 --device cpu --concurrency 32 --compare-batch1
 """
@@ -36,23 +37,79 @@ REPO = Path(__file__).resolve().parents[1]
 DEFAULT_IMAGES = REPO.parent / "shared" / "data" / "imagenet-sample"
 
 
+def completion_rate(times: list[float]) -> float:
+    """Completions per second: least-squares slope of the cumulative count over completion times.
+
+    A batched server answers in bursts of up to ``max_batch_size`` at once, so the plain count in a
+    fixed window is off by up to one burst depending on where the window cuts the batch cycle (±11% for
+    16-image batches of 1 s in a 15 s window). The slope of the staircase does not depend on that phase.
+    """
+    if len(times) < 2 or max(times) == min(times):
+        raise ValueError("need completions at two or more distinct times")
+    ordered = sorted(times)
+    return statistics.linear_regression(ordered, range(1, len(ordered) + 1)).slope
+
+
 @dataclass
 class LoadResult:
+    """One measured window of closed-loop load on one server at one tier."""
+
     tier: str
     max_batch_size: int
     concurrency: int
-    requests: int
     errors: int
     seconds: float
     latencies_ms: list[float]
+    completed_at: list[float]  # time.monotonic() of each successful completion inside the window
     mean_batch: float
+    client_cpu_s: float  # CPU time of the load generator's thread over the window
+
+    @property
+    def client_cpu_ms_per_request(self) -> float:
+        return 1000 * self.client_cpu_s / max(1, self.requests)
+
+    @property
+    def requests(self) -> int:
+        return len(self.completed_at)
 
     @property
     def throughput(self) -> float:
-        return self.requests / self.seconds
+        return completion_rate(self.completed_at)
 
-    def pct(self, q: float) -> float:
-        return statistics.quantiles(self.latencies_ms, n=100, method="inclusive")[int(q) - 1]
+
+@dataclass
+class Round:
+    """The bare model, then each server, measured back to back: ratios within a round share the drift."""
+
+    bare: float | None
+    loads: dict[int, LoadResult]  # by max_batch_size
+
+
+@dataclass
+class TierResult:
+    tier: str
+    rounds: list[Round]
+
+    def throughput(self, max_batch_size: int) -> float:
+        return statistics.median(r.loads[max_batch_size].throughput for r in self.rounds)
+
+    def latencies_ms(self, max_batch_size: int) -> list[float]:
+        return [v for r in self.rounds for v in r.loads[max_batch_size].latencies_ms]
+
+    def pct(self, max_batch_size: int, q: int) -> float:
+        return statistics.quantiles(self.latencies_ms(max_batch_size), n=100, method="inclusive")[q - 1]
+
+    def bare(self) -> float:
+        return statistics.median(r.bare for r in self.rounds if r.bare is not None)
+
+    def ratios(self, numerator: int, denominator: int | None) -> list[float]:
+        """Per-round throughput of server ``numerator`` over server ``denominator`` (None: the bare model)."""
+        out = []
+        for r in self.rounds:
+            base = r.bare if denominator is None else r.loads[denominator].throughput
+            if base:
+                out.append(r.loads[numerator].throughput / base)
+        return out
 
 
 def _free_port() -> int:
@@ -123,13 +180,18 @@ def _batch_stats(metrics_text: str, tier: str) -> tuple[float, float]:
     return total, count
 
 
-async def _drive(url: str, tier: str, images: list[bytes], concurrency: int, warmup: float, duration: float):
+async def _drive(
+    url: str, tier: str, images: list[bytes], concurrency: int, warmup: float, duration: float
+) -> tuple[list[float], list[float], int, float, float, float]:
     """Closed-loop load; counts only requests that complete inside the measured window.
 
+    Returns latencies (ms) and completion times of the window's successful requests, its error count,
+    its length (s), the mean batch size the server ran (from /metrics) and this thread's CPU seconds.
     ``/metrics`` is read through its own connection: the load client's pool is saturated, and waiting
     for a free connection there would silently shorten the window.
     """
     latencies: list[float] = []
+    completed_at: list[float] = []
     errors = 0
     window: tuple[float, float] | None = None  # (start, end) in time.monotonic()
     stop_at = time.monotonic() + warmup + duration
@@ -151,9 +213,11 @@ async def _drive(url: str, tier: str, images: list[bytes], concurrency: int, war
                     headers={"content-type": "image/jpeg"},
                 )
                 i += concurrency
-                if window is not None and window[0] <= time.monotonic() <= window[1]:
+                now = time.monotonic()
+                if window is not None and window[0] <= now <= window[1]:
                     if r.status_code == 200:
                         latencies.append((time.perf_counter() - start) * 1000)
+                        completed_at.append(now)
                     else:
                         errors += 1
 
@@ -161,68 +225,78 @@ async def _drive(url: str, tier: str, images: list[bytes], concurrency: int, war
         await asyncio.sleep(warmup)
         before = _batch_stats((await metrics_client.get("/metrics")).text, tier)
         window = (time.monotonic(), stop_at)
+        cpu_start = time.thread_time()
         await asyncio.sleep(max(0.0, stop_at - time.monotonic()))
+        client_cpu = time.thread_time() - cpu_start
         after = _batch_stats((await metrics_client.get("/metrics")).text, tier)
         await asyncio.gather(*tasks)
     batches = after[1] - before[1]
     mean_batch = (after[0] - before[0]) / batches if batches else 0.0
-    return latencies, errors, window[1] - window[0], mean_batch
+    return latencies, completed_at, errors, window[1] - window[0], mean_batch, client_cpu
 
 
-def run_service(
-    args: argparse.Namespace,
-    max_batch_size: int,
-    images: list[bytes],
-    workdir: Path,
-    bare: dict[str, float] | None,
-) -> list[LoadResult]:
-    """Load the server tier by tier. With ``bare``, time the bare model just before each tier (server
-    idle), so both figures see the same machine load."""
-    server = Server(_config(args, max_batch_size), workdir)
-    try:
-        server.wait_ready()
-        results = []
-        for tier in args.tiers:
-            if bare is not None:
-                bare[tier] = bare_throughput(args, max_batch_size, tier)
-                print(
-                    f"bare patched model tier={tier:<8} bs={max_batch_size}: {bare[tier]:8.1f} img/s",
-                    flush=True,
-                )
-            lat, errors, seconds, mean_batch = asyncio.run(
-                _drive(server.url, tier, images, args.concurrency, args.warmup, args.duration)
-            )
-            res = LoadResult(
-                tier, max_batch_size, args.concurrency, len(lat), errors, seconds, lat, mean_batch
-            )
-            results.append(res)
-            print(_row(res), flush=True)
-        return results
-    finally:
-        server.stop()
+def load_window(
+    args: argparse.Namespace, url: str, tier: str, max_bs: int, images: list[bytes]
+) -> LoadResult:
+    """One window of closed-loop load on the server at ``url``."""
+    coro = _drive(url, tier, images, args.concurrency, args.warmup, args.duration)
+    lat, done, errors, seconds, mean_batch, cpu = asyncio.run(coro)
+    return LoadResult(tier, max_bs, args.concurrency, errors, seconds, lat, done, mean_batch, cpu)
 
 
-def bare_throughput(args: argparse.Namespace, batch_size: int, tier: str) -> float:
-    """Images/s of the patched model alone at ``tier`` and ``batch_size`` (same device and dtype)."""
-    device = torch.device(args.device)
-    dtype = getattr(torch, args.dtype) if device.type == "cuda" else torch.float32
-    model = tome.patch(timm.create_model(args.model, pretrained=False)).eval().to(device, dtype)
-    tiers = build_tiers(model, None)
-    size = model.vit.patch_embed.img_size
-    x = torch.randn(batch_size, 3, *size, device=device, dtype=dtype)
-    r = tiers[tier].r
-    with torch.inference_mode():
-        for _ in range(3):
-            model(x, r=r)
-        if device.type == "cuda":
+def measure_tier(
+    args: argparse.Namespace, tier: str, servers: dict[int, Server], images: list[bytes]
+) -> TierResult:
+    """``args.rounds`` rounds of: the bare model at the largest batch size (all servers idle), then a
+    window of load on each server in turn. Figures taken minutes apart on a shared VM drift by ±10%
+    or more; interleaving them keeps each ratio inside one round."""
+    bare = BareModel(args, max(servers), tier)
+    rounds = []
+    for k in range(args.rounds):
+        bare_ips = bare.throughput(args.bare_seconds)
+        loads = {}
+        for max_bs, server in servers.items():
+            loads[max_bs] = load_window(args, server.url, tier, max_bs, images)
+        rounds.append(Round(bare_ips, loads))
+        print(
+            f"  round {k + 1}: bare bs={max(servers)} {bare_ips:6.1f} img/s; "
+            + "; ".join(
+                f"max_bs={b} {r.throughput:6.1f} img/s (batch {r.mean_batch:4.1f}, "
+                f"client {r.client_cpu_ms_per_request:.1f} ms CPU/req)"
+                for b, r in loads.items()
+            ),
+            flush=True,
+        )
+    return TierResult(tier, rounds)
+
+
+class BareModel:
+    """The patched model alone at one tier and batch size, on the service's device and dtype."""
+
+    def __init__(self, args: argparse.Namespace, batch_size: int, tier: str) -> None:
+        self.device = torch.device(args.device)
+        dtype = getattr(torch, args.dtype) if self.device.type == "cuda" else torch.float32
+        self.model = tome.patch(timm.create_model(args.model, pretrained=False)).eval().to(self.device, dtype)
+        self.r = build_tiers(self.model, None)[tier].r
+        size = self.model.vit.patch_embed.img_size
+        self.x = torch.randn(batch_size, 3, *size, device=self.device, dtype=dtype)
+        self._run(3)
+
+    def _run(self, n: int) -> None:
+        with torch.inference_mode():
+            for _ in range(n):
+                self.model(self.x, r=self.r)
+        if self.device.type == "cuda":
             torch.cuda.synchronize()
+
+    def throughput(self, seconds: float) -> float:
+        """Images/s over whole calls for about ``seconds``, after one untimed call."""
+        self._run(1)
         n, start = 0, time.perf_counter()
-        while time.perf_counter() - start < args.bare_seconds:
-            model(x, r=r)
+        while time.perf_counter() - start < seconds:
+            self._run(1)
             n += 1
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-    return n * batch_size / (time.perf_counter() - start)
+        return n * self.x.shape[0] / (time.perf_counter() - start)
 
 
 def decode_ms(args: argparse.Namespace, images: list[bytes], fused: bool, rounds: int = 3) -> float:
@@ -240,12 +314,48 @@ def decode_ms(args: argparse.Namespace, images: list[bytes], fused: bool, rounds
     return best * 1000 / len(images)
 
 
-def _row(r: LoadResult) -> str:
-    return (
-        f"tier={r.tier:<8} max_bs={r.max_batch_size:<3} conc={r.concurrency:<3} "
-        f"throughput={r.throughput:8.1f} img/s  p50={r.pct(50):8.1f} ms  p95={r.pct(95):8.1f} ms  "
-        f"p99={r.pct(99):8.1f} ms  mean_batch={r.mean_batch:5.1f}  errors={r.errors}"
+def _summary(t: TierResult, max_bs: int, batch1: bool) -> str:
+    vs_bare = t.ratios(max_bs, None)
+    line = (
+        f"tier={t.tier:<8} service {t.throughput(max_bs):7.1f} img/s  p50/p95/p99 "
+        f"{t.pct(max_bs, 50):.0f}/{t.pct(max_bs, 95):.0f}/{t.pct(max_bs, 99):.0f} ms  "
+        f"bare {t.bare():7.1f} img/s  service/bare {statistics.median(vs_bare):.2f} "
+        f"(rounds {min(vs_bare):.2f}-{max(vs_bare):.2f})  load generator "
+        f"{statistics.median(r.loads[max_bs].client_cpu_ms_per_request for r in t.rounds):.1f} ms CPU/req"
     )
+    if batch1:
+        gain = t.ratios(max_bs, 1)
+        line += (
+            f"  max_bs=1 {t.throughput(1):6.1f} img/s  batching gain {statistics.median(gain):.2f}x "
+            f"(rounds {min(gain):.2f}-{max(gain):.2f})"
+        )
+    return line
+
+
+def _as_json(results: list[TierResult]) -> list[dict]:
+    return [
+        {
+            "tier": t.tier,
+            "rounds": [
+                {
+                    "bare": r.bare,
+                    "loads": {
+                        b: {
+                            "throughput": load.throughput,
+                            "requests": load.requests,
+                            "errors": load.errors,
+                            "seconds": load.seconds,
+                            "mean_batch": load.mean_batch,
+                            "client_cpu_s": load.client_cpu_s,
+                        }
+                        for b, load in r.loads.items()
+                    },
+                }
+                for r in t.rounds
+            ],
+        }
+        for t in results
+    ]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -258,12 +368,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--max-batch-size", type=int, default=16)
     p.add_argument("--max-wait-ms", type=float, default=5)
     p.add_argument("--decode-workers", type=int, default=2)
-    p.add_argument("--duration", type=float, default=15, help="measured seconds per tier")
-    p.add_argument("--warmup", type=float, default=3, help="unmeasured seconds of load per tier")
-    p.add_argument("--bare-seconds", type=float, default=5)
-    p.add_argument("--compare-batch1", action="store_true", help="also run with max_batch_size=1")
+    p.add_argument("--rounds", type=int, default=3, help="interleaved bare/service rounds per tier")
+    p.add_argument("--duration", type=float, default=8, help="measured seconds per server per round")
+    p.add_argument("--warmup", type=float, default=2, help="unmeasured seconds of load before each window")
+    p.add_argument("--bare-seconds", type=float, default=3, help="seconds of bare-model timing per round")
+    p.add_argument("--compare-batch1", action="store_true", help="also load a max_batch_size=1 server")
     p.add_argument("--images", type=Path, default=DEFAULT_IMAGES)
-    p.add_argument("--json", type=Path, help="write all figures here")
+    p.add_argument("--json", type=Path, help="write every round's figures here")
     p.add_argument("--preprocess-only", action="store_true", help="only time preprocessing, then stop")
     args = p.parse_args(argv)
 
@@ -275,35 +386,25 @@ def main(argv: list[str] | None = None) -> int:
         print(f"decode+preprocess, {name}: {decode_ms(args, images, fused=fused):.2f} ms/image (one thread)")
     if args.preprocess_only:
         return 0
-    bare: dict[str, float] = {}
+    sizes = [args.max_batch_size, 1] if args.compare_batch1 else [args.max_batch_size]
+    results: list[TierResult] = []
     with tempfile.TemporaryDirectory() as tmp:
-        results = run_service(args, args.max_batch_size, images, Path(tmp), bare)
-        single = run_service(args, 1, images, Path(tmp), None) if args.compare_batch1 else []
-    for r in results:
-        print(f"service/bare tier={r.tier:<8}: {r.throughput / bare[r.tier]:.2f}")
-    for r1, rn in zip(single, results, strict=False):
-        print(
-            f"batching gain tier={rn.tier:<8} (max_bs={rn.max_batch_size} vs 1): "
-            f"{rn.throughput / r1.throughput:.2f}x"
-        )
+        servers = {b: Server(_config(args, b), Path(tmp)) for b in sizes}
+        try:
+            for server in servers.values():
+                server.wait_ready()
+            for tier in args.tiers:
+                print(f"tier {tier}:", flush=True)
+                results.append(measure_tier(args, tier, servers, images))
+        finally:
+            for server in servers.values():
+                server.stop()
+    print(f"# medians over {args.rounds} rounds; ratios are per round (same drift), then the median")
+    for t in results:
+        print(_summary(t, args.max_batch_size, args.compare_batch1))
     if args.json:
-        rows = [
-            {
-                k: getattr(r, k)
-                for k in (
-                    "tier",
-                    "max_batch_size",
-                    "concurrency",
-                    "requests",
-                    "errors",
-                    "seconds",
-                    "mean_batch",
-                )
-            }
-            | {"throughput": r.throughput, "p50_ms": r.pct(50), "p95_ms": r.pct(95), "p99_ms": r.pct(99)}
-            for r in [*results, *single]
-        ]
-        args.json.write_text(json.dumps({"bare": bare, "service": rows}, indent=2))
+        report = {"args": vars(args), "tiers": _as_json(results)}
+        args.json.write_text(json.dumps(report, indent=2, default=str))
     return 0
 
 
