@@ -63,10 +63,15 @@ class LoadResult:
     completed_at: list[float]  # time.monotonic() of each successful completion inside the window
     mean_batch: float
     client_cpu_s: float  # CPU time of the load generator's thread over the window
+    server_cpu_s: float  # CPU time of the whole server process over the window
 
     @property
     def client_cpu_ms_per_request(self) -> float:
         return 1000 * self.client_cpu_s / max(1, self.requests)
+
+    @property
+    def server_cpu_ms_per_image(self) -> float:
+        return 1000 * self.server_cpu_s / max(1, self.requests)
 
     @property
     def requests(self) -> int:
@@ -81,7 +86,8 @@ class LoadResult:
 class Round:
     """The bare model, then each server, measured back to back: ratios within a round share the drift."""
 
-    bare: float | None
+    bare: float  # images/s of the bare model
+    bare_cpu_ms: float  # its CPU time per image (all its threads)
     loads: dict[int, LoadResult]  # by max_batch_size
 
 
@@ -100,15 +106,14 @@ class TierResult:
         return statistics.quantiles(self.latencies_ms(max_batch_size), n=100, method="inclusive")[q - 1]
 
     def bare(self) -> float:
-        return statistics.median(r.bare for r in self.rounds if r.bare is not None)
+        return statistics.median(r.bare for r in self.rounds)
 
     def ratios(self, numerator: int, denominator: int | None) -> list[float]:
         """Per-round throughput of server ``numerator`` over server ``denominator`` (None: the bare model)."""
         out = []
         for r in self.rounds:
             base = r.bare if denominator is None else r.loads[denominator].throughput
-            if base:
-                out.append(r.loads[numerator].throughput / base)
+            out.append(r.loads[numerator].throughput / base)
         return out
 
 
@@ -167,26 +172,30 @@ class Server:
         self.log.close()
 
 
-def _batch_stats(metrics_text: str, tier: str) -> tuple[float, float]:
+def _server_stats(metrics_text: str, tier: str) -> tuple[float, float, float]:
+    """(sum, count) of the tier's ``tome_batch_size`` and the server's ``process_cpu_seconds_total``."""
     from prometheus_client.parser import text_string_to_metric_families
 
-    total = count = 0.0
+    total = count = cpu = 0.0
     for family in text_string_to_metric_families(metrics_text):
         for s in family.samples:
+            if s.name == "process_cpu_seconds_total":
+                cpu = s.value
             if s.labels.get("tier") == tier and s.name == "tome_batch_size_sum":
                 total = s.value
             if s.labels.get("tier") == tier and s.name == "tome_batch_size_count":
                 count = s.value
-    return total, count
+    return total, count, cpu
 
 
 async def _drive(
     url: str, tier: str, images: list[bytes], concurrency: int, warmup: float, duration: float
-) -> tuple[list[float], list[float], int, float, float, float]:
+) -> tuple[list[float], list[float], int, float, float, float, float]:
     """Closed-loop load; counts only requests that complete inside the measured window.
 
     Returns latencies (ms) and completion times of the window's successful requests, its error count,
-    its length (s), the mean batch size the server ran (from /metrics) and this thread's CPU seconds.
+    its length (s), the mean batch size the server ran, this thread's CPU seconds and the server
+    process's CPU seconds (the last two over the window; the server's figures come from its /metrics).
     ``/metrics`` is read through its own connection: the load client's pool is saturated, and waiting
     for a free connection there would silently shorten the window.
     """
@@ -223,16 +232,17 @@ async def _drive(
 
         tasks = [asyncio.create_task(worker(k)) for k in range(concurrency)]
         await asyncio.sleep(warmup)
-        before = _batch_stats((await metrics_client.get("/metrics")).text, tier)
+        before = _server_stats((await metrics_client.get("/metrics")).text, tier)
         window = (time.monotonic(), stop_at)
         cpu_start = time.thread_time()
         await asyncio.sleep(max(0.0, stop_at - time.monotonic()))
         client_cpu = time.thread_time() - cpu_start
-        after = _batch_stats((await metrics_client.get("/metrics")).text, tier)
+        after = _server_stats((await metrics_client.get("/metrics")).text, tier)
         await asyncio.gather(*tasks)
     batches = after[1] - before[1]
     mean_batch = (after[0] - before[0]) / batches if batches else 0.0
-    return latencies, completed_at, errors, window[1] - window[0], mean_batch, client_cpu
+    server_cpu = after[2] - before[2]
+    return latencies, completed_at, errors, window[1] - window[0], mean_batch, client_cpu, server_cpu
 
 
 def load_window(
@@ -240,8 +250,8 @@ def load_window(
 ) -> LoadResult:
     """One window of closed-loop load on the server at ``url``."""
     coro = _drive(url, tier, images, args.concurrency, args.warmup, args.duration)
-    lat, done, errors, seconds, mean_batch, cpu = asyncio.run(coro)
-    return LoadResult(tier, max_bs, args.concurrency, errors, seconds, lat, done, mean_batch, cpu)
+    lat, done, errors, seconds, mean_batch, cpu, server_cpu = asyncio.run(coro)
+    return LoadResult(tier, max_bs, args.concurrency, errors, seconds, lat, done, mean_batch, cpu, server_cpu)
 
 
 def measure_tier(
@@ -253,16 +263,18 @@ def measure_tier(
     bare = BareModel(args, max(servers), tier)
     rounds = []
     for k in range(args.rounds):
-        bare_ips = bare.throughput(args.bare_seconds)
+        bare_ips, bare_cpu_ms = bare.measure(args.bare_seconds)
         loads = {}
         for max_bs, server in servers.items():
             loads[max_bs] = load_window(args, server.url, tier, max_bs, images)
-        rounds.append(Round(bare_ips, loads))
+        rounds.append(Round(bare_ips, bare_cpu_ms, loads))
         print(
-            f"  round {k + 1}: bare bs={max(servers)} {bare_ips:6.1f} img/s; "
+            f"  round {k + 1}: bare bs={max(servers)} {bare_ips:6.1f} img/s "
+            f"({bare_cpu_ms:.1f} ms CPU per image); "
             + "; ".join(
                 f"max_bs={b} {r.throughput:6.1f} img/s (batch {r.mean_batch:4.1f}, "
-                f"client {r.client_cpu_ms_per_request:.1f} ms CPU/req)"
+                f"CPU per image: server {r.server_cpu_ms_per_image:.1f} ms, "
+                f"load generator {r.client_cpu_ms_per_request:.1f} ms)"
                 for b, r in loads.items()
             ),
             flush=True,
@@ -289,14 +301,15 @@ class BareModel:
         if self.device.type == "cuda":
             torch.cuda.synchronize()
 
-    def throughput(self, seconds: float) -> float:
-        """Images/s over whole calls for about ``seconds``, after one untimed call."""
+    def measure(self, seconds: float) -> tuple[float, float]:
+        """(images/s, CPU ms per image) over whole calls for about ``seconds``, after one untimed call."""
         self._run(1)
-        n, start = 0, time.perf_counter()
+        n, start, cpu_start = 0, time.perf_counter(), time.process_time()
         while time.perf_counter() - start < seconds:
             self._run(1)
             n += 1
-        return n * self.x.shape[0] / (time.perf_counter() - start)
+        images = n * self.x.shape[0]
+        return images / (time.perf_counter() - start), 1000 * (time.process_time() - cpu_start) / images
 
 
 def decode_ms(args: argparse.Namespace, images: list[bytes], fused: bool, rounds: int = 3) -> float:
@@ -320,8 +333,10 @@ def _summary(t: TierResult, max_bs: int, batch1: bool) -> str:
         f"tier={t.tier:<8} service {t.throughput(max_bs):7.1f} img/s  p50/p95/p99 "
         f"{t.pct(max_bs, 50):.0f}/{t.pct(max_bs, 95):.0f}/{t.pct(max_bs, 99):.0f} ms  "
         f"bare {t.bare():7.1f} img/s  service/bare {statistics.median(vs_bare):.2f} "
-        f"(rounds {min(vs_bare):.2f}-{max(vs_bare):.2f})  load generator "
-        f"{statistics.median(r.loads[max_bs].client_cpu_ms_per_request for r in t.rounds):.1f} ms CPU/req"
+        f"(rounds {min(vs_bare):.2f}-{max(vs_bare):.2f})  CPU ms per image: bare "
+        f"{statistics.median(r.bare_cpu_ms for r in t.rounds):.1f}, server "
+        f"{statistics.median(r.loads[max_bs].server_cpu_ms_per_image for r in t.rounds):.1f}, "
+        f"load generator {statistics.median(r.loads[max_bs].client_cpu_ms_per_request for r in t.rounds):.1f}"
     )
     if batch1:
         gain = t.ratios(max_bs, 1)
@@ -339,6 +354,7 @@ def _as_json(results: list[TierResult]) -> list[dict]:
             "rounds": [
                 {
                     "bare": r.bare,
+                    "bare_cpu_ms": r.bare_cpu_ms,
                     "loads": {
                         b: {
                             "throughput": load.throughput,
@@ -347,6 +363,7 @@ def _as_json(results: list[TierResult]) -> list[dict]:
                             "seconds": load.seconds,
                             "mean_batch": load.mean_batch,
                             "client_cpu_s": load.client_cpu_s,
+                            "server_cpu_s": load.server_cpu_s,
                         }
                         for b, load in r.loads.items()
                     },

@@ -9,8 +9,9 @@ from __future__ import annotations
 import os
 
 # libgomp reads this once, when torch loads it, so it must be set before torch is imported. Idle
-# OpenMP workers then sleep instead of spinning, leaving the cores to the decode and HTTP threads
-# between batches (on the 2-core dev VM no difference beyond noise was measured; see BENCHMARKS.md).
+# OpenMP workers then sleep instead of spinning: with ACTIVE an idle CPU replica kept a whole core busy
+# (tests/service/test_server.py checks it stays idle) and served about half as many images under load; against
+# libgomp's default (spin briefly, then sleep) no difference beyond noise was measured (BENCHMARKS.md).
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import argparse

@@ -137,6 +137,10 @@ def test_metrics_exposed(client: TestClient) -> None:
     assert metric_value(text, "tome_tier_info", {**labels, "schedule": "r=6"}) == 1
     assert metric_value(text, "tome_tier_gflops", labels) > 0
     assert "tome_queue_depth" in text and "tome_in_flight_requests" in text
+    # the standard process and platform series, on the app's own registry
+    assert metric_value(text, "process_cpu_seconds_total") > 0
+    assert metric_value(text, "process_resident_memory_bytes") > 0
+    assert metric_value(text, "python_info") == 1
     assert "tome_device_memory_bytes{" not in text  # CUDA only
 
 

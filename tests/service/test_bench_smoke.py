@@ -32,10 +32,10 @@ def test_service_bench_runs_rounds_against_batched_and_batch1_servers(tmp_path: 
     (tier,) = json.loads(out.read_text())["tiers"]
     assert tier["tier"] == "fast" and len(tier["rounds"]) == 2
     for r in tier["rounds"]:
-        assert r["bare"] > 0
+        assert r["bare"] > 0 and r["bare_cpu_ms"] > 0
         batched, single = r["loads"]["4"], r["loads"]["1"]
         for load in (batched, single):
             assert load["requests"] > 0 and load["errors"] == 0 and load["throughput"] > 0
-            assert load["client_cpu_s"] > 0
+            assert load["client_cpu_s"] > 0 and load["server_cpu_s"] > 0
         assert single["mean_batch"] == 1.0
         assert batched["mean_batch"] > 1.0  # 8 clients against max_batch_size 4: real batches formed

@@ -72,6 +72,15 @@ def _images(n: int) -> list[bytes]:
     return [image_bytes("PNG", size=(70 + 9 * i, 50 + 5 * i)) for i in range(n)]
 
 
+def _idle_cpu_cores(url: str, seconds: float = 2.0) -> float:
+    """Cores the server process uses while no request arrives (from its process_cpu_seconds_total)."""
+    time.sleep(0.5)  # let the last responses' work finish
+    before = metric_value(httpx.get(f"{url}/metrics").text, "process_cpu_seconds_total")
+    time.sleep(seconds)
+    after = metric_value(httpx.get(f"{url}/metrics").text, "process_cpu_seconds_total")
+    return (after - before) / seconds
+
+
 def test_concurrent_requests_run_in_batches_and_equal_the_direct_model(tmp_path: Path) -> None:
     torch.manual_seed(0)
     vit = timm.create_model("vit_tiny_patch16_224", img_size=64, depth=2).eval()
@@ -84,6 +93,7 @@ def test_concurrent_requests_run_in_batches_and_equal_the_direct_model(tmp_path:
         with ThreadPoolExecutor(16) as pool:
             responses = list(pool.map(lambda job: _post(url, images[job[1]], job[0]), jobs))
         metrics = httpx.get(f"{url}/metrics").text
+        idle_cores = _idle_cpu_cores(url)
 
     assert all(r.status_code == 200 for r in responses), [r.text for r in responses if r.status_code != 200]
     assert max(r.json()["batch_size"] for r in responses) > 1
@@ -91,6 +101,8 @@ def test_concurrent_requests_run_in_batches_and_equal_the_direct_model(tmp_path:
     assert metric_value(metrics, "tome_images_total") == len(jobs)
     assert batches < len(jobs)  # so some batch held more than one image
     assert metric_value(metrics, "tome_batch_size_bucket", {"le": "1.0"}) < batches
+    # an idle replica sleeps: no OpenMP worker spins a core waiting for the next batch
+    assert idle_cores < 0.2, f"idle server used {idle_cores:.2f} cores"
 
     model = tome.patch(vit)
     config = timm.data.resolve_data_config(model=vit)
