@@ -41,8 +41,9 @@ def completion_rate(times: list[float]) -> float:
     """Completions per second: least-squares slope of the cumulative count over completion times.
 
     A batched server answers in bursts of up to ``max_batch_size`` at once, so the plain count in a
-    fixed window is off by up to one burst depending on where the window cuts the batch cycle (±11% for
-    16-image batches of 1 s in a 15 s window). The slope of the staircase does not depend on that phase.
+    fixed window is off by up to one burst depending on where the window cuts the batch cycle (10% for
+    16-image batches every second seen through a 10 s window). The staircase's slope does not depend on
+    that phase.
     """
     if len(times) < 2 or max(times) == min(times):
         raise ValueError("need completions at two or more distinct times")
