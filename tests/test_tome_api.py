@@ -111,6 +111,23 @@ def test_source_without_merging_is_identity() -> None:
 # --- thread safety ---------------------------------------------------------------------------------
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("prop_attn", [True, False])
+def test_reduced_precision_runs_in_that_dtype_and_tracks_float32(dtype: torch.dtype, prop_attn: bool) -> None:
+    """The service runs fp16/bf16 on CUDA. Token sizes stay float32 (exact counts: bf16 holds integers
+    only up to 256), so every merge and bias must cast back to the model's dtype, or activations silently
+    turn float32. Checked on CPU, which runs both dtypes."""
+    vit = _vit(depth=4)
+    x = torch.randn(3, 3, 64, 64, generator=torch.Generator().manual_seed(1))
+    reference = tome.patch(vit, prop_attn=prop_attn)
+    with torch.inference_mode():
+        expected = reference(x, r=6)
+        low = tome.patch(_vit(depth=4).to(dtype), prop_attn=prop_attn)(x.to(dtype), r=6)
+    assert low.dtype == dtype and torch.isfinite(low).all()
+    scale = expected.abs().max().item()
+    assert (low.float() - expected).abs().max().item() < 0.05 * scale
+
+
 def test_concurrent_calls_with_different_r_equal_sequential_calls() -> None:
     model = tome.patch(_vit())
     x = torch.randn(4, 3, 64, 64)
