@@ -28,6 +28,7 @@ import timm
 import torch
 
 from models import tome
+from models.timing import time_call
 from models.timm_data import model_data_config
 
 from .preprocess import Preprocessor
@@ -190,13 +191,12 @@ def _server_stats(metrics_text: str, tier: str) -> tuple[float, float, float]:
 
 
 async def _drive(
-    url: str, tier: str, images: list[bytes], concurrency: int, warmup: float, duration: float
-) -> tuple[list[float], list[float], int, float, float, float, float]:
+    url: str, tier: str, max_bs: int, images: list[bytes], concurrency: int, warmup: float, duration: float
+) -> LoadResult:
     """Closed-loop load; counts only requests that complete inside the measured window.
 
-    Returns latencies (ms) and completion times of the window's successful requests, its error count,
-    its length (s), the mean batch size the server ran, this thread's CPU seconds and the server
-    process's CPU seconds (the last two over the window; the server's figures come from its /metrics).
+    The mean batch size and the server's CPU seconds come from its /metrics; the load generator's CPU
+    seconds are this thread's over the window.
     ``/metrics`` is read through its own connection: the load client's pool is saturated, and waiting
     for a free connection there would silently shorten the window.
     """
@@ -242,17 +242,26 @@ async def _drive(
         await asyncio.gather(*tasks)
     batches = after[1] - before[1]
     mean_batch = (after[0] - before[0]) / batches if batches else 0.0
-    server_cpu = after[2] - before[2]
-    return latencies, completed_at, errors, window[1] - window[0], mean_batch, client_cpu, server_cpu
+    seconds, server_cpu = window[1] - window[0], after[2] - before[2]
+    return LoadResult(
+        tier,
+        max_bs,
+        concurrency,
+        errors,
+        seconds,
+        latencies,
+        completed_at,
+        mean_batch,
+        client_cpu,
+        server_cpu,
+    )
 
 
 def load_window(
     args: argparse.Namespace, url: str, tier: str, max_bs: int, images: list[bytes]
 ) -> LoadResult:
     """One window of closed-loop load on the server at ``url``."""
-    coro = _drive(url, tier, images, args.concurrency, args.warmup, args.duration)
-    lat, done, errors, seconds, mean_batch, cpu, server_cpu = asyncio.run(coro)
-    return LoadResult(tier, max_bs, args.concurrency, errors, seconds, lat, done, mean_batch, cpu, server_cpu)
+    return asyncio.run(_drive(url, tier, max_bs, images, args.concurrency, args.warmup, args.duration))
 
 
 def measure_tier(
@@ -293,24 +302,23 @@ class BareModel:
         self.r = build_tiers(self.model, None)[tier].r
         size = self.model.vit.patch_embed.img_size
         self.x = torch.randn(batch_size, 3, *size, device=self.device, dtype=dtype)
-        self._run(3)
+        for _ in range(3):
+            self._call()
 
-    def _run(self, n: int) -> None:
+    def _call(self) -> float:
+        """Seconds of one model call (device synchronised)."""
         with torch.inference_mode():
-            for _ in range(n):
-                self.model(self.x, r=self.r)
-        if self.device.type == "cuda":
-            torch.cuda.synchronize()
+            return time_call(lambda: self.model(self.x, r=self.r), self.device)
 
     def measure(self, seconds: float) -> tuple[float, float]:
         """(images/s, CPU ms per image) over whole calls for about ``seconds``, after one untimed call."""
-        self._run(1)
-        n, start, cpu_start = 0, time.perf_counter(), time.process_time()
-        while time.perf_counter() - start < seconds:
-            self._run(1)
+        self._call()
+        n, elapsed, cpu_start = 0, 0.0, time.process_time()
+        while elapsed < seconds:
+            elapsed += self._call()
             n += 1
         images = n * self.x.shape[0]
-        return images / (time.perf_counter() - start), 1000 * (time.process_time() - cpu_start) / images
+        return images / elapsed, 1000 * (time.process_time() - cpu_start) / images
 
 
 def decode_ms(args: argparse.Namespace, images: list[bytes], fused: bool, rounds: int = 3) -> float:

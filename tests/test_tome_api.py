@@ -108,7 +108,7 @@ def test_source_without_merging_is_identity() -> None:
     assert trace.size.eq(1).all()
 
 
-# --- thread safety ---------------------------------------------------------------------------------
+# --- reduced precision -----------------------------------------------------------------------------
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
@@ -126,6 +126,9 @@ def test_reduced_precision_runs_in_that_dtype_and_tracks_float32(dtype: torch.dt
     assert low.dtype == dtype and torch.isfinite(low).all()
     scale = expected.abs().max().item()
     assert (low.float() - expected).abs().max().item() < 0.05 * scale
+
+
+# --- thread safety ---------------------------------------------------------------------------------
 
 
 def test_concurrent_calls_with_different_r_equal_sequential_calls() -> None:
