@@ -46,20 +46,45 @@ def test_r_is_capped_at_half_the_mergeable_tokens() -> None:
     assert applied == [3]
 
 
+def _explicit_attention(calls: list[tuple[int, ...]]):
+    """``scaled_dot_product_attention`` written as two matmuls, recording each call's q/k shapes.
+
+    FlopCounterMode counts matmuls on every torch release, while whether it counts the fused SDPA op
+    depends on the release and backend (torch 2.14.1 skips the CPU kernel). Running the counted pass
+    through this keeps the check a real count of the run on any torch the lock moves to.
+    """
+
+    def sdpa(q, k, v, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, enable_gqa=False):
+        assert dropout_p == 0.0 and not is_causal and not enable_gqa
+        calls.append((*q.shape, k.shape[-2]))
+        logits = (q @ k.transpose(-2, -1)) * (scale if scale is not None else q.shape[-1] ** -0.5)
+        if attn_mask is not None:
+            logits = logits + attn_mask
+        return logits.softmax(dim=-1) @ v
+
+    return sdpa
+
+
 @pytest.mark.parametrize("r", [0, 3, (5, -1), [9, 9, 9]])
 @pytest.mark.parametrize("kwargs", [{}, {"reg_tokens": 3}, {"class_token": False, "global_pool": "avg"}])
-def test_schedule_info_matches_the_run(r, kwargs) -> None:
+def test_schedule_info_matches_the_run(r, kwargs, monkeypatch: pytest.MonkeyPatch) -> None:
     vit = _vit(**kwargs)
     model = tome.patch(vit)
     info = model.schedule_info(r)
     x = torch.randn(2, 3, 64, 64)
     with torch.no_grad():
         trace = model.forward_with_source(x, r=r)
+        fused = model(x, r=r)
+        calls: list[tuple[int, ...]] = []
+        monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", _explicit_attention(calls))
         flops = FlopCounterMode(display=False)
         with flops:
-            model(x, r=r)
+            explicit = model(x, r=r)
+    torch.testing.assert_close(explicit, fused, rtol=1e-4, atol=1e-5)  # the counted run is the same run
     assert trace.size.shape[1] == info.tokens_after_block[-1]
     assert info.tokens_in == 64 + vit.num_prefix_tokens
+    tokens_entering = [info.tokens_in, *info.tokens_after_block[:-1]]
+    assert [(b, n, n_k) for b, _, n, _, n_k in calls] == [(2, t, t) for t in tokens_entering]
     # FlopCounterMode counts 2 FLOPs per multiply-accumulate; our GFLOPs are MACs (paper convention).
     assert info.gflops * 1e9 == pytest.approx(flops.get_total_flops() / 2 / x.shape[0], rel=1e-9)
 
