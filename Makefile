@@ -3,13 +3,17 @@ PYTHON ?= python3
 VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
+LOCK   := requirements/dev.txt
 
-.PHONY: setup serve test check-deploy lint bench
+.PHONY: setup serve test check-deploy lint bench lock
 
-$(STAMP): pyproject.toml
+# Exactly the locked versions (hash-checked), then this project itself without touching them.
+$(STAMP): pyproject.toml $(LOCK)
+	@$(PYTHON) -c 'import sys; sys.exit(0 if sys.version_info >= (3, 11) else "tome-serve needs Python >= 3.11, found " + sys.version.split()[0] + " (set PYTHON=python3.11)")'
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet -e '.[dev]'
+	$(BIN)/python -m pip install --quiet --disable-pip-version-check --require-hashes --no-deps -r $(LOCK)
+	$(BIN)/python -m pip install --quiet --disable-pip-version-check --no-deps --no-build-isolation -e .
+	$(BIN)/python -m pip check
 	touch $(STAMP)
 
 setup: $(STAMP)
@@ -25,6 +29,10 @@ test: $(STAMP)
 	$(BIN)/ruff check .
 	bash scripts/check-deploy.sh
 	$(BIN)/python -m pytest -q
+
+## Re-pin requirements/*.txt from pyproject.toml (see scripts/lock.sh); commit the result.
+lock:
+	bash scripts/lock.sh
 
 check-deploy:
 	bash scripts/check-deploy.sh
