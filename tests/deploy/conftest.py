@@ -14,7 +14,6 @@ from tests.processes import free_port, http_get, log_tail, running
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 CPU_DEMO_CONFIG = REPO_ROOT / "service" / "configs" / "cpu-demo.toml"
-SHARED_IMAGES = REPO_ROOT.parent / "shared" / "data" / "imagenet-sample"
 START_TIMEOUT_S = 180.0
 
 

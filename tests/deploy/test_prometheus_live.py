@@ -19,8 +19,9 @@ import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
 from tests.processes import free_port, http_get, running
+from tests.shared_data import sample_images
 
-from .conftest import REPO_ROOT, SHARED_IMAGES, LiveServer
+from .conftest import REPO_ROOT, LiveServer
 
 PROMETHEUS = shutil.which("prometheus")
 pytestmark = pytest.mark.skipif(
@@ -92,12 +93,7 @@ def service_value(server: LiveServer, name: str, **labels: str) -> float:
 
 
 def images() -> list[tuple[str, bytes]]:
-    files = sorted(SHARED_IMAGES.glob("*.JPEG"))[:4] if SHARED_IMAGES.is_dir() else []
-    if files:
-        return [(p.name, p.read_bytes()) for p in files]
-    from loadtest.workload import generated_images
-
-    return [(img.name, img.data) for img in generated_images(4)]
+    return [(p.name, p.read_bytes()) for p in sample_images(4)]
 
 
 def classify(client: httpx.Client, pictures: list[tuple[str, bytes]]) -> None:

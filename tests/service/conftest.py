@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import io
 from collections.abc import Callable, Iterator
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -13,9 +12,6 @@ from PIL import Image
 
 from service.app import create_app
 from service.settings import ServiceSettings
-
-SHARED = Path(__file__).resolve().parents[2].parent / "shared"
-IMAGENET_SAMPLE = SHARED / "data" / "imagenet-sample"
 
 TINY_MODEL: dict[str, Any] = {
     "name": "tiny",
@@ -75,13 +71,6 @@ def image_bytes(fmt: str = "PNG", mode: str = "RGB", size: tuple[int, int] = (80
     buf = io.BytesIO()
     img.save(buf, fmt, **save)
     return buf.getvalue()
-
-
-def sample_images(n: int) -> list[Path]:
-    """Real ImageNet JPEGs from ../shared, or a skip when they are absent."""
-    if not IMAGENET_SAMPLE.is_dir():
-        pytest.skip(f"{IMAGENET_SAMPLE} not present")
-    return sorted(IMAGENET_SAMPLE.glob("*.JPEG"))[:n]
 
 
 def metric_value(text: str, name: str, labels: dict[str, str] | None = None) -> float:

@@ -7,7 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from .conftest import sample_images
+from tests.shared_data import sample_images
 
 REPO = Path(__file__).resolve().parents[2]
 

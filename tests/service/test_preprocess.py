@@ -12,8 +12,9 @@ from timm.data import create_transform
 
 from service.fast_transform import FusedCenterCrop, crop_box, fused_center_crop
 from service.preprocess import ImageRejected, Preprocessor
+from tests.shared_data import sample_images
 
-from .conftest import image_bytes, sample_images
+from .conftest import image_bytes
 
 DATA_CONFIG = {
     "input_size": (3, 64, 64),
