@@ -85,4 +85,4 @@ def test_docker_build_commands_use_real_build_args() -> None:
             for name, value in re.findall(r"--build-arg (\w+)=(\w+)", match[2]):
                 assert re.search(rf"^ARG {name}=", dockerfile, re.MULTILINE), name
                 if name == "VARIANT":
-                    assert f"AS base-{value}" in dockerfile
+                    assert f"AS deps-{value}" in dockerfile
