@@ -7,10 +7,11 @@ the config file (``config_file=`` or ``TOME_CONFIG_FILE``), then the defaults be
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 from pydantic_settings import (
     BaseSettings,
     InitSettingsSource,
@@ -21,9 +22,18 @@ from pydantic_settings import (
 )
 
 CONFIG_FILE_ENV = "TOME_CONFIG_FILE"
+RESERVED_TIER_NAME = re.compile(r"^(r\d+|auto)$")
+"""``r<k>`` names the raw ``?r=k`` tiers; ``auto`` is chosen per request: no configured tier may take them."""
+DEVICE_PATTERN = re.compile(r"^(auto|cpu|cuda(:\d+)?)$")
 
 
-class TierSpec(BaseModel):
+class _Strict(BaseModel):
+    """Unknown keys are errors: a typo in a config file must not silently fall back to a default."""
+
+    model_config = ConfigDict(extra="forbid")
+
+
+class TierSpec(_Strict):
     """One named ToMe schedule: ``r`` (int or per-block list), optionally with an inflection.
 
     ``{r = 16, inflection = -1}`` is the paper's decreasing schedule; ``{r = 13}`` is constant.
@@ -48,7 +58,7 @@ class TierSpec(BaseModel):
         return self.r
 
 
-class ModelSpec(BaseModel):
+class ModelSpec(_Strict):
     """A model to serve."""
 
     name: str = Field(description="Name clients use in ?model=")
@@ -67,24 +77,46 @@ class ModelSpec(BaseModel):
     default_tier: str = "balanced"
     allow_raw_r: bool = Field(False, description="accept ?r=<int> within the model's valid range")
 
+    @field_validator("tiers")
+    @classmethod
+    def _tier_names(cls, tiers: dict[str, TierSpec] | None) -> dict[str, TierSpec] | None:
+        for name in tiers or {}:
+            if RESERVED_TIER_NAME.match(name):
+                raise ValueError(
+                    f"tier name {name!r} is reserved (r<k> is the raw ?r=k tier, auto is chosen per request)"
+                )
+        return tiers
+
     @property
     def architecture(self) -> str:
         return self.timm_name or self.name
 
 
-class BatchingSettings(BaseModel):
+class BatchingSettings(_Strict):
     max_batch_size: int = Field(32, ge=1, le=256)
     max_wait_ms: float = Field(5.0, ge=0)
-    max_queue_size: int = Field(256, ge=1, description="per (model, tier) queue; full -> 503")
+    max_queue_size: int = Field(256, ge=1, description="live images per (model, tier) queue; full -> 503")
     warmup: bool = True
+    cuda_graphs: bool = Field(
+        True, description="CUDA only: replay one captured graph per (tier, batch bucket) instead of eager"
+    )
+    pipeline_depth: int = Field(
+        2,
+        ge=1,
+        le=4,
+        description="CUDA only: batches in flight on the device (the next is staged while one runs)",
+    )
 
 
-class LimitsSettings(BaseModel):
+class LimitsSettings(_Strict):
     max_body_bytes: int = Field(16 * 1024 * 1024, ge=1024, description="whole request body")
     max_files: int = Field(16, ge=1, description="image parts per multipart request")
     max_image_pixels: int = Field(40_000_000, ge=1, description="width*height, checked from the header")
     deadline_ms: float = Field(10_000, gt=0, description="default per-request deadline")
-    decode_workers: int = Field(2, ge=1, description="threads decoding and resizing images")
+    decode_workers: int = Field(2, ge=1, description="threads decoding and resizing images, per front-end")
+    max_top_k: int = Field(
+        20, ge=1, description="largest top_k a request may ask for (capped at num_classes)"
+    )
     jpeg_draft: bool = Field(True, description="DCT-domain downscaling of large JPEGs while decoding")
     fused_resize: bool = Field(
         True,
@@ -93,6 +125,26 @@ class LimitsSettings(BaseModel):
         "false for timm's exact pipeline",
     )
     drain_timeout_s: float = Field(30.0, ge=0, description="longest wait for queued requests at shutdown")
+
+
+class ServerSettings(_Strict):
+    """The processes: front-ends (HTTP, body, decode) in front of one engine process (models, device)."""
+
+    workers: int = Field(0, ge=0, description="front-end processes; 0 = one per available CPU core")
+    max_requests: int = Field(
+        64,
+        ge=1,
+        description="per front-end: classify requests admitted at once; more get 503 before the body is read",
+    )
+    max_pending_images: int = Field(
+        64,
+        ge=1,
+        description="per front-end: images decoding, queued or running (its shared-memory slots); "
+        "more get 503 before decoding",
+    )
+    graceful_shutdown_s: float = Field(
+        5.0, ge=0, description="after the drain, longest wait for open connections before the front-end exits"
+    )
 
 
 class ServiceSettings(BaseSettings):
@@ -104,8 +156,16 @@ class ServiceSettings(BaseSettings):
     models: list[ModelSpec] = Field(default_factory=list)
     default_model: str | None = Field(None, description="defaults to the first model")
     device: str = Field("auto", description='"auto" (CUDA when present), "cpu", "cuda", "cuda:1", ...')
+    server: ServerSettings = Field(default_factory=ServerSettings)
     batching: BatchingSettings = Field(default_factory=BatchingSettings)
     limits: LimitsSettings = Field(default_factory=LimitsSettings)
+
+    @field_validator("device")
+    @classmethod
+    def _device(cls, device: str) -> str:
+        if not DEVICE_PATTERN.match(device):
+            raise ValueError(f'device must be "auto", "cpu", "cuda" or "cuda:<index>", got {device!r}')
+        return device
 
     @field_validator("models")
     @classmethod

@@ -1,16 +1,28 @@
-"""Shared fixtures: tiny random-weight ViT settings, an in-process client, image bytes."""
+"""Shared fixtures: tiny random-weight ViT settings, an in-process service, image bytes.
+
+The in-process service is the real thing minus the process boundaries: the engine runs in a thread of
+the test process (``EngineThread``) and the front-end app talks to it over the same Unix socket and
+shared-memory slots as in production, through Starlette's TestClient.
+"""
 
 from __future__ import annotations
 
+import contextlib
 import io
+import time
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import pytest
 from fastapi.testclient import TestClient
 from PIL import Image
+from prometheus_client import CollectorRegistry
 
-from service.app import create_app
+from service.api.app import create_app
+from service.engine.engine import Engine
+from service.ipc.rundir import RunDir
+from service.lifecycle.engine_process import EngineThread
 from service.settings import ServiceSettings
 
 TINY_MODEL: dict[str, Any] = {
@@ -43,25 +55,42 @@ def _no_tome_env(monkeypatch: pytest.MonkeyPatch) -> None:
             monkeypatch.delenv(key)
 
 
+class ServiceClient(TestClient):
+    """A TestClient on a front-end app, with the in-process ``engine`` it talks to."""
+
+    engine: Engine
+
+
+@contextmanager
+def in_process_service(settings: ServiceSettings) -> Iterator[ServiceClient]:
+    """Engine thread + front-end app over a fresh run directory; everything stopped and removed after."""
+    rundir = RunDir.create()
+    registry = CollectorRegistry()
+    engine = EngineThread(settings, rundir, registry)
+    try:
+        engine.start()
+        with ServiceClient(create_app(settings, rundir, 0, registry)) as client:
+            client.engine = engine.engine
+            deadline = time.monotonic() + 120
+            while client.get("/readyz").status_code != 200:  # warming up, as a real client would see
+                assert time.monotonic() < deadline, "the in-process service never became ready"
+                time.sleep(0.01)
+            yield client
+    finally:
+        engine.stop()
+        rundir.remove()
+
+
 @pytest.fixture
-def make_client() -> Iterator[Callable[..., TestClient]]:
-    """Factory: ``make_client(**settings_overrides)`` -> a started TestClient (lifespan runs)."""
-    clients: list[TestClient] = []
-
-    def make(**overrides: Any) -> TestClient:
-        client = TestClient(create_app(tiny_settings(**overrides)))
-        client.__enter__()
-        clients.append(client)
-        return client
-
-    yield make
-    for client in clients:
-        client.__exit__(None, None, None)
+def make_client() -> Iterator[Callable[..., ServiceClient]]:
+    """Factory: ``make_client(**settings_overrides)`` -> a started client (engine and lifespan running)."""
+    with contextlib.ExitStack() as stack:
+        yield lambda **overrides: stack.enter_context(in_process_service(tiny_settings(**overrides)))
 
 
 @pytest.fixture(scope="module")
-def client() -> Iterator[TestClient]:
-    with TestClient(create_app(tiny_settings())) as c:
+def client() -> Iterator[ServiceClient]:
+    with in_process_service(tiny_settings()) as c:
         yield c
 
 

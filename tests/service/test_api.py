@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 from fastapi.testclient import TestClient
 
-from service.schemas import ClassifyResponse, ErrorResponse
+from service.api.schemas import ClassifyResponse, ErrorResponse
 
 from .conftest import image_bytes, metric_value
 
@@ -137,10 +137,11 @@ def test_metrics_exposed(client: TestClient) -> None:
     assert metric_value(text, "tome_tier_info", {**labels, "schedule": "r=6"}) == 1
     assert metric_value(text, "tome_tier_gflops", labels) > 0
     assert "tome_queue_depth" in text and "tome_in_flight_requests" in text
-    # the standard process and platform series, on the app's own registry
-    assert metric_value(text, "process_cpu_seconds_total") > 0
-    assert metric_value(text, "process_resident_memory_bytes") > 0
+    # CPU and memory of every process of the service, by role (here the engine is this process)
+    assert metric_value(text, "tome_process_cpu_seconds_total", {"role": "engine"}) > 0
+    assert metric_value(text, "tome_process_resident_memory_bytes", {"role": "engine"}) > 0
     assert metric_value(text, "python_info") == 1
+    assert "_created" not in text
     assert "tome_device_memory_bytes{" not in text  # CUDA only
 
 
@@ -258,7 +259,7 @@ def _tiny() -> dict:
 
 def test_failed_batch_is_a_json_500_and_service_recovers(make_client, monkeypatch) -> None:
     c = make_client()
-    model = c.app.state.runtime.models["tiny"].model
+    model = c.engine.models["tiny"].model
     real = type(model).forward
     monkeypatch.setattr(
         type(model), "forward", lambda self, x, r=0: (_ for _ in ()).throw(RuntimeError("oom"))
@@ -284,7 +285,7 @@ def test_deadline_passing_in_queue_is_504_and_never_runs(make_client) -> None:
 @pytest.mark.parametrize("fused", [True, False])
 def test_fused_resize_setting_picks_the_preprocessing_path(make_client, fused: bool) -> None:
     client = make_client(limits={"fused_resize": fused})
-    preprocessor = client.app.state.runtime.preprocessors["tiny"]
+    preprocessor = client.app.state.frontend.models["tiny"].preprocessor
     assert (preprocessor.fused is not None) is fused
     body = image_bytes("PNG", size=(90, 70))
     r = client.post("/classify", content=body, headers={"content-type": "image/png"})

@@ -1,48 +1,82 @@
-"""The dynamic batcher on its own: batch closing, fairness, backpressure, deadlines, drain."""
+"""The engine's dynamic batcher on its own: batch closing, fairness, live-job bounds, all-or-none
+admission, deadlines, pipelining, drain."""
 
 from __future__ import annotations
 
 import asyncio
 import threading
 import time
+from collections.abc import Sequence
 
 import pytest
-import torch
+from prometheus_client import CollectorRegistry
 
-from service.batcher import DeadlineExceeded, DeviceBatcher, Draining, QueueFull
-from service.metrics import Metrics
+from service.engine.batcher import (
+    Batcher,
+    BatchOutput,
+    DeadlineExceeded,
+    Draining,
+    Job,
+    JobResult,
+    QueueFull,
+)
+from service.observability.metrics import EngineMetrics
 
-FAR = 1e9
+FAR = 1e12
 
 
 class Recorder:
-    """A RunBatch that records batch sizes and optionally blocks until released."""
+    """A RunBatch that records (tier, slots) per batch, answers slot*2 as its 'index', and can block
+    (in a worker thread, like the device thread) until a gate opens."""
 
-    def __init__(self, name: str, log: list[tuple[str, int]], gate: threading.Event | None = None) -> None:
+    def __init__(
+        self, name: str, log: list[tuple[str, list[int]]], gate: threading.Event | None = None
+    ) -> None:
         self.name, self.log, self.gate = name, log, gate
 
-    def __call__(self, tensors: list[torch.Tensor]) -> torch.Tensor:
+    async def __call__(self, slots: Sequence[int]) -> BatchOutput:
         if self.gate is not None:
-            self.gate.wait(5)
-        self.log.append((self.name, len(tensors)))
-        return torch.stack(tensors) * 2
+            await asyncio.to_thread(self.gate.wait, 5)
+        self.log.append((self.name, list(slots)))
+        return BatchOutput([[s * 2] for s in slots], [[1.0] for _ in slots], 0.001)
 
 
-def make(max_batch: int = 4, wait_ms: float = 1000, queue: int = 16) -> DeviceBatcher:
-    return DeviceBatcher("cpu", max_batch, wait_ms / 1000, queue, Metrics())
+class Results:
+    """Collects job outcomes; ``wait(n)`` until n arrived."""
+
+    def __init__(self) -> None:
+        self.by_slot: dict[int, JobResult | BaseException] = {}
+        self.event = asyncio.Event()
+
+    def __call__(self, job: Job, result: JobResult | BaseException) -> None:
+        assert job.slot not in self.by_slot, "done called twice"
+        self.by_slot[job.slot] = result
+        self.event.set()
+
+    async def wait(self, n: int, timeout: float = 5) -> None:
+        async def until() -> None:
+            while len(self.by_slot) < n:
+                self.event.clear()
+                await self.event.wait()
+
+        await asyncio.wait_for(until(), timeout)
+
+
+def make(max_batch: int = 4, wait_ms: float = 1000, queue: int = 16, depth: int = 1) -> Batcher:
+    return Batcher(max_batch, wait_ms / 1000, queue, depth, EngineMetrics(CollectorRegistry()))
 
 
 def test_batch_closes_when_full_before_max_wait() -> None:
     async def main() -> None:
         log: list = []
-        b = make(max_batch=4, wait_ms=10_000)
+        b, done = make(max_batch=4, wait_ms=10_000), Results()
         q = b.add_queue("m", "t", Recorder("t", log))
         b.start()
-        jobs = [b.submit(q, torch.full((2,), float(i)), FAR) for i in range(4)]
-        results = await asyncio.wait_for(asyncio.gather(*(j.future for j in jobs)), 2)
-        assert log == [("t", 4)]
-        assert [r.batch_size for r in results] == [4] * 4
-        assert [r.probs[0].item() for r in results] == [0, 2, 4, 6]  # each caller gets its own row
+        b.submit(q, [0, 1, 2, 3], FAR, done)
+        await done.wait(4)
+        assert log == [("t", [0, 1, 2, 3])]
+        assert {s: r.indices for s, r in done.by_slot.items()} == {0: [0], 1: [2], 2: [4], 3: [6]}
+        assert all(r.batch_size == 4 for r in done.by_slot.values())
         await b.close()
 
     asyncio.run(main())
@@ -51,14 +85,14 @@ def test_batch_closes_when_full_before_max_wait() -> None:
 def test_batch_closes_after_max_wait_when_not_full() -> None:
     async def main() -> None:
         log: list = []
-        b = make(max_batch=8, wait_ms=50)
+        b, done = make(max_batch=8, wait_ms=50), Results()
         q = b.add_queue("m", "t", Recorder("t", log))
         b.start()
         start = time.monotonic()
-        jobs = [b.submit(q, torch.zeros(1), FAR) for _ in range(3)]
-        await asyncio.gather(*(j.future for j in jobs))
+        b.submit(q, [0, 1, 2], FAR, done)
+        await done.wait(3)
         assert 0.04 <= time.monotonic() - start < 1.0
-        assert log == [("t", 3)]
+        assert log == [("t", [0, 1, 2])]
         await b.close()
 
     asyncio.run(main())
@@ -68,34 +102,38 @@ def test_oldest_head_first_across_tiers() -> None:
     async def main() -> None:
         log: list = []
         gate = threading.Event()
-        b = make(max_batch=2, wait_ms=0)
+        b, done = make(max_batch=2, wait_ms=0), Results()
         qa = b.add_queue("m", "a", Recorder("a", log, gate))
         qb = b.add_queue("m", "b", Recorder("b", log, gate))
         b.start()
-        first = b.submit(qa, torch.zeros(1), FAR)  # occupies the executor until the gate opens
+        b.submit(qa, [0], FAR, done)  # occupies the device until the gate opens
         await asyncio.sleep(0.05)
-        jobs = [b.submit(qb, torch.zeros(1), FAR)]  # b's head is now the oldest waiting
+        b.submit(qb, [1], FAR, done)  # b's head is now the oldest waiting
         await asyncio.sleep(0.01)
-        jobs += [b.submit(qa, torch.zeros(1), FAR) for _ in range(2)]
-        jobs += [b.submit(qb, torch.zeros(1), FAR)]
+        b.submit(qa, [2, 3], FAR, done)
+        b.submit(qb, [4], FAR, done)
         gate.set()
-        await asyncio.gather(first.future, *(j.future for j in jobs))
-        assert log == [("a", 1), ("b", 2), ("a", 2)]
+        await done.wait(5)
+        assert log == [("a", [0]), ("b", [1, 4]), ("a", [2, 3])]
         await b.close()
 
     asyncio.run(main())
 
 
-def test_queue_full_rejects_at_once() -> None:
+def test_queue_bound_counts_live_jobs_and_admits_all_or_none() -> None:
     async def main() -> None:
-        b = make(max_batch=2, queue=3)
+        b, done = make(max_batch=2, queue=3), Results()
         q = b.add_queue("m", "t", Recorder("t", []))
-        for _ in range(3):
-            b.submit(q, torch.zeros(1), FAR)
+        jobs = b.submit(q, [0, 1], FAR, done)
         with pytest.raises(QueueFull):
-            b.submit(q, torch.zeros(1), FAR)
+            b.submit(q, [2, 3], FAR, done)  # 2 + 2 > 3: neither image is queued
+        assert q.live == 2 and len(q.jobs) == 2
+        assert b.abandon(q, jobs[:1]) == 1  # a cancelled image stops counting at once
+        b.submit(q, [4, 5], FAR, done)
+        assert q.live == 3
         b.start()
-        await b.close()  # drains the three accepted jobs
+        await b.close()  # drains the live jobs
+        assert set(done.by_slot) == {1, 4, 5}
 
     asyncio.run(main())
 
@@ -103,19 +141,37 @@ def test_queue_full_rejects_at_once() -> None:
 def test_abandoned_and_expired_jobs_never_run() -> None:
     async def main() -> None:
         log: list = []
-        b = make(max_batch=8, wait_ms=20)
+        b, done = make(max_batch=8, wait_ms=20), Results()
         q = b.add_queue("m", "t", Recorder("t", log))
-        gone = b.submit(q, torch.zeros(1), FAR)
-        gone.abandoned = True  # client went away
-        expired = b.submit(q, torch.zeros(1), time.monotonic() - 1)
-        kept = b.submit(q, torch.zeros(1), FAR)
+        gone = b.submit(q, [0], FAR, done)
+        b.abandon(q, gone)  # client went away
+        b.submit(q, [1], time.monotonic() - 1, done)  # deadline already passed
+        b.submit(q, [2], FAR, done)
         b.start()
-        await kept.future
-        assert log == [("t", 1)]
-        with pytest.raises(DeadlineExceeded):
-            expired.future.result()
-        assert not gone.future.done()
+        await done.wait(2)
+        assert log == [("t", [2])]
+        assert isinstance(done.by_slot[1], DeadlineExceeded)
+        assert 0 not in done.by_slot
         await b.close()
+
+    asyncio.run(main())
+
+
+def test_pipeline_depth_overlaps_batches() -> None:
+    async def main() -> None:
+        gate = threading.Event()
+        log: list = []
+        for depth, overlapped in ((1, False), (2, True)):
+            b, done = make(max_batch=1, wait_ms=0, depth=depth), Results()
+            q = b.add_queue("m", "t", Recorder("t", log, gate))
+            b.start()
+            b.submit(q, [0, 1], FAR, done)
+            await asyncio.sleep(0.1)
+            assert (not q.jobs) is overlapped, depth  # depth 2: the second batch was launched too
+            gate.set()
+            await done.wait(2)
+            gate.clear()
+            await b.close()
 
     asyncio.run(main())
 
@@ -123,33 +179,33 @@ def test_abandoned_and_expired_jobs_never_run() -> None:
 def test_close_runs_queued_jobs_then_refuses() -> None:
     async def main() -> None:
         log: list = []
-        b = make(max_batch=2, wait_ms=10_000)
+        b, done = make(max_batch=2, wait_ms=10_000), Results()
         q = b.add_queue("m", "t", Recorder("t", log))
         b.start()
-        jobs = [b.submit(q, torch.zeros(1), FAR) for _ in range(5)]
+        b.submit(q, [0, 1, 2, 3, 4], FAR, done)
         await b.close()
-        assert all(j.future.done() and j.future.exception() is None for j in jobs)
-        assert sum(n for _, n in log) == 5
+        assert all(isinstance(r, JobResult) for r in done.by_slot.values()) and len(done.by_slot) == 5
+        assert sum(len(s) for _, s in log) == 5
         with pytest.raises(Draining):
-            b.submit(q, torch.zeros(1), FAR)
+            b.submit(q, [5], FAR, done)
 
     asyncio.run(main())
 
 
 def test_failed_batch_fails_its_jobs_only() -> None:
     async def main() -> None:
-        def boom(tensors: list[torch.Tensor]) -> torch.Tensor:
+        async def boom(slots: Sequence[int]) -> BatchOutput:
             raise RuntimeError("boom")
 
-        b = make(max_batch=2, wait_ms=0)
+        b, done = make(max_batch=2, wait_ms=0), Results()
         bad = b.add_queue("m", "bad", boom)
         good = b.add_queue("m", "good", Recorder("good", []))
         b.start()
-        j1 = b.submit(bad, torch.zeros(1), FAR)
-        j2 = b.submit(good, torch.zeros(1), FAR)
-        with pytest.raises(RuntimeError):
-            await j1.future
-        assert (await j2.future).batch_size == 1
+        b.submit(bad, [0], FAR, done)
+        b.submit(good, [1], FAR, done)
+        await done.wait(2)
+        assert isinstance(done.by_slot[0], RuntimeError)
+        assert isinstance(done.by_slot[1], JobResult) and done.by_slot[1].batch_size == 1
         await b.close()
 
     asyncio.run(main())

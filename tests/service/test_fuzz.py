@@ -11,15 +11,18 @@ import schemathesis
 from hypothesis import HealthCheck, settings
 from schemathesis.checks import not_a_server_error
 
-from service.app import create_app
+from service.api.app import create_app
+from service.ipc.rundir import RunDir
 from service.settings import load_settings
 from tests.processes import free_port, running
 
 REPO = Path(__file__).resolve().parents[2]
 DEMO_CONFIG = REPO / "service" / "configs" / "cpu-demo.toml"
 
-# The app's own OpenAPI document (building the app loads no model); cases go to a live server.
-schema = schemathesis.openapi.from_dict(create_app(load_settings(DEMO_CONFIG)).openapi())
+# The app's own OpenAPI document (building the app connects to nothing); cases go to a live server.
+schema = schemathesis.openapi.from_dict(
+    create_app(load_settings(DEMO_CONFIG), RunDir(Path("/nonexistent"))).openapi()
+)
 
 
 @pytest.fixture(scope="module")

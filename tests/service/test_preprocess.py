@@ -1,4 +1,8 @@
-"""Decoding and preprocessing: formats, colour modes, EXIF, limits, equality with timm's reference."""
+"""Decoding and preprocessing: formats, colour modes, EXIF, limits, equality with timm's reference.
+
+Front-ends produce uint8 pixels; the engine normalizes them on the device (``engine.normalize``), so
+comparisons with timm's float transform go through that same ``Normalize``.
+"""
 
 from __future__ import annotations
 
@@ -10,8 +14,10 @@ import torch
 from PIL import Image
 from timm.data import create_transform
 
-from service.fast_transform import FusedCenterCrop, crop_box, fused_center_crop
-from service.preprocess import ImageRejected, Preprocessor
+from service.engine.normalize import Normalize
+from service.errors import ServiceError
+from service.ingest.fast_transform import FusedCenterCrop, crop_box, fused_center_crop
+from service.ingest.preprocess import Preprocessor, timm_pil_steps
 from tests.shared_data import sample_images
 
 from .conftest import image_bytes
@@ -31,16 +37,45 @@ def pre() -> Preprocessor:
     return Preprocessor(DATA_CONFIG, max_pixels=1_000_000)
 
 
-def reference(data: bytes) -> torch.Tensor:
+def reference(data: bytes, config: dict = DATA_CONFIG) -> torch.Tensor:
     """timm's eval transform on PIL's RGB conversion (what timm's own loaders do)."""
-    return create_transform(**DATA_CONFIG)(Image.open(io.BytesIO(data)).convert("RGB"))
+    return create_transform(**config)(Image.open(io.BytesIO(data)).convert("RGB"))
+
+
+def as_input(pixels: np.ndarray, config: dict = DATA_CONFIG) -> torch.Tensor:
+    """What the engine feeds the model for these pixels: ``[3, H, W]`` float32."""
+    normalize = Normalize(config["mean"], config["std"], torch.device("cpu"), torch.float32)
+    return normalize(torch.from_numpy(np.array(pixels))[None])[0]
 
 
 @pytest.mark.parametrize("fmt", ["JPEG", "PNG", "WEBP", "BMP", "GIF"])
 def test_formats_decode_to_model_input(pre: Preprocessor, fmt: str) -> None:
     mode = "P" if fmt == "GIF" else "RGB"
     x = pre(image_bytes(fmt, mode))
-    assert x.shape == (3, 64, 64) and x.dtype == torch.float32
+    assert x.shape == (64, 64, 3) and x.dtype == np.uint8
+
+
+def test_into_writes_the_slot(pre: Preprocessor) -> None:
+    slots = np.zeros((2, 64, 64, 3), dtype=np.uint8)
+    data = image_bytes("PNG")
+    pre.into(data, slots[1])
+    assert np.array_equal(slots[1], pre(data)) and not slots[0].any()
+
+
+def test_device_normalize_matches_timm_to_tensor_and_normalize() -> None:
+    """Same formula as timm's ToTensor + Normalize up to float rounding; the serving dtype only at the end."""
+    from torchvision import transforms as T
+
+    pixels = torch.randint(
+        0, 256, (2, 16, 12, 3), dtype=torch.uint8, generator=torch.Generator().manual_seed(0)
+    )
+    timm_like = T.Normalize(DATA_CONFIG["mean"], DATA_CONFIG["std"])(pixels.permute(0, 3, 1, 2).float() / 255)
+    ours = Normalize(DATA_CONFIG["mean"], DATA_CONFIG["std"], torch.device("cpu"), torch.float32)(pixels)
+    assert ours.shape == (2, 3, 16, 12) and ours.is_contiguous()
+    torch.testing.assert_close(ours, timm_like, rtol=0, atol=2e-6)
+    low = Normalize(DATA_CONFIG["mean"], DATA_CONFIG["std"], torch.device("cpu"), torch.bfloat16)(pixels)
+    assert low.dtype == torch.bfloat16
+    torch.testing.assert_close(low.float(), ours, rtol=1e-2, atol=1e-2)
 
 
 @pytest.mark.parametrize("mode", ["L", "LA", "CMYK", "P", "RGBA", "I;16", "1"])
@@ -48,7 +83,7 @@ def test_colour_modes_become_rgb(pre: Preprocessor, mode: str) -> None:
     fmt = {"CMYK": "JPEG", "I;16": "PNG"}.get(mode, "PNG" if mode != "CMYK" else "JPEG")
     data = image_bytes(fmt, mode)
     assert pre.decode(data).mode == "RGB"
-    assert pre(data).shape == (3, 64, 64)
+    assert pre(data).shape == (64, 64, 3)
 
 
 def test_palette_with_transparency(pre: Preprocessor) -> None:
@@ -80,9 +115,9 @@ def test_pixel_limit_checked_from_header(pre: Preprocessor) -> None:
     Image.new("1", (5000, 5000)).save(buf, "PNG")  # 25 Mpx in a few KB: a decompression bomb
     data = buf.getvalue()
     assert len(data) < 100_000
-    with pytest.raises(ImageRejected) as e:
+    with pytest.raises(ServiceError) as e:
         pre.decode(data)
-    assert (e.value.status, e.value.reason) == (422, "too_large")
+    assert (e.value.status, e.value.code) == (422, "too_large")
     assert "25000000" in e.value.message
 
 
@@ -98,28 +133,30 @@ def test_pil_global_limit_untouched() -> None:
     ids=["empty", "pdf", "bad-jpeg", "tiff-not-accepted"],
 )
 def test_rejections(pre: Preprocessor, data: bytes, status: int) -> None:
-    with pytest.raises(ImageRejected) as e:
+    with pytest.raises(ServiceError) as e:
         pre(data)
-    assert e.value.status == status and e.value.reason == "bad_image"
+    assert e.value.status == status and e.value.code == "bad_image"
 
 
 def test_equals_timm_reference_on_real_images() -> None:
+    """Without the fused path: timm's own PIL steps, bit for bit; normalized, timm's tensor to 2e-6."""
     exact = Preprocessor(DATA_CONFIG, max_pixels=1_000_000, jpeg_draft=False, fused=False)
+    steps = timm_pil_steps(DATA_CONFIG)
     for path in sample_images(5):
         data = path.read_bytes()
-        torch.testing.assert_close(exact(data), reference(data), rtol=0, atol=0)
+        pixels = exact(data)
+        assert np.array_equal(pixels, np.asarray(steps(Image.open(io.BytesIO(data)).convert("RGB"))))
+        torch.testing.assert_close(as_input(pixels), reference(data), rtol=0, atol=2e-6)
 
 
 def test_jpeg_draft_is_exact_below_twice_the_target() -> None:
     config = {**DATA_CONFIG, "input_size": (3, 224, 224)}  # resize target 256: ImageNet JPEGs < 1024 px
     pre = Preprocessor(config, max_pixels=10**8, fused=False)  # the fused path: tests below
-    transform = create_transform(**config)
+    steps = timm_pil_steps(config)
     for path in sample_images(5):
         data = path.read_bytes()
         if min(Image.open(io.BytesIO(data)).size) < 1024:
-            torch.testing.assert_close(
-                pre(data), transform(Image.open(io.BytesIO(data)).convert("RGB")), rtol=0, atol=0
-            )
+            assert np.array_equal(pre(data), np.asarray(steps(Image.open(io.BytesIO(data)).convert("RGB"))))
 
 
 def test_jpeg_draft_downscales_large_jpegs_within_tolerance(pre: Preprocessor) -> None:
@@ -133,20 +170,20 @@ def test_jpeg_draft_downscales_large_jpegs_within_tolerance(pre: Preprocessor) -
         data = buf.getvalue()
         decoded = pre.decode(data)
         assert 2 * 73 <= min(decoded.size) <= 800 / 4  # reduced scale, never below twice the target
-        diff = (pre(data) - reference(data)).abs()
+        diff = (as_input(pre(data)) - reference(data)).abs()
         assert diff.mean().item() < 0.01 and diff.max().item() < 0.25
 
 
-# --- fused fast path (service/fast_transform.py) vs timm's transform --------------------------------
+# --- fused fast path (service/ingest/fast_transform.py) vs timm's transform --------------------------------
 # ViT-S/16's config: Resize(248, bicubic) -> CenterCrop(224) -> ToTensor -> Normalize.
 VIT_CONFIG = {**DATA_CONFIG, "input_size": (3, 224, 224), "crop_pct": 0.9}
 # Stated tolerances, normalized units (one uint8 step = 1 / 255 / std ~ 0.0175). Measured (Pillow 13):
 #   100 ImageNet JPEGs, bicubic: max 0.175, mean 3.9e-4, worst image mean 4.6e-3
 #   awkward sizes below: max 0.0525 (bicubic, lanczos; 3 steps), 0.035 (bilinear, hamming; 2 steps);
 #   mean <= 3.3e-4, worst image mean 3.7e-3
-# The rare multi-step pixels are Pillow choosing the other order for its two separable passes in the boxed
-# call (uint8 intermediate; see service/fast_transform.py), not box geometry: with one resampled axis the
-# box is within one step.
+# The rare multi-step pixels are Pillow choosing the other order for its two separable passes in the
+# boxed call (uint8 intermediate; see service/ingest/fast_transform.py), not box geometry: with one
+# resampled axis the box is within one step.
 REAL_MAX_DIFF = 0.22
 SYNTH_MAX_DIFF = {"bicubic": 0.07, "lanczos": 0.07, "bilinear": 0.04, "hamming": 0.04}
 MEAN_DIFF = 5e-4  # mean over the images of a test
@@ -160,18 +197,25 @@ AWKWARD_SIZES = [
 
 def _fused_and_reference(config: dict) -> tuple[FusedCenterCrop, object]:
     reference = create_transform(**config, is_training=False)
-    fused = fused_center_crop(config, reference)
+    fused = fused_center_crop(config)
     assert isinstance(fused, FusedCenterCrop)
     return fused, reference
 
 
 def _check_close(
-    fused: FusedCenterCrop, reference: object, images: list[Image.Image], max_diff: float
+    fused: FusedCenterCrop,
+    reference: object,
+    images: list[Image.Image],
+    max_diff: float,
+    config: dict = VIT_CONFIG,
 ) -> None:
     means = []
     for img in images:
-        got, want = fused(img), reference(img)
-        assert got.shape == want.shape and got.dtype == torch.float32 and got.is_contiguous()
+        pixels = fused(img)
+        if pixels is None:  # smaller than the crop after resizing: the preprocessor runs timm's steps
+            continue
+        got, want = as_input(pixels, config), reference(img)
+        assert got.shape == want.shape and got.dtype == torch.float32
         diff = (got - want).abs()
         assert diff.max().item() < max_diff, (img.size, diff.max().item())
         assert diff.mean().item() < IMAGE_MEAN_DIFF, (img.size, diff.mean().item())
@@ -181,7 +225,7 @@ def _check_close(
 
 def test_preprocessor_uses_fused_path_for_center_crop() -> None:
     pre = Preprocessor(VIT_CONFIG, max_pixels=10**8)
-    assert isinstance(pre.fused, FusedCenterCrop) and pre.transform is pre.fused
+    assert isinstance(pre.fused, FusedCenterCrop)
     assert Preprocessor(VIT_CONFIG, max_pixels=10**8, fused=False).fused is None
 
 
@@ -200,7 +244,7 @@ def test_fused_close_to_timm_on_awkward_sizes(interp: str) -> None:
         photo.resize(size, Image.Resampling.LANCZOS)
         for photo, size in zip(photos, AWKWARD_SIZES, strict=True)
     ]
-    _check_close(fused, reference, images, SYNTH_MAX_DIFF[interp])
+    _check_close(fused, reference, images, SYNTH_MAX_DIFF[interp], {**VIT_CONFIG, "interpolation": interp})
 
 
 def test_fused_exact_when_no_resampling_is_needed() -> None:
@@ -209,7 +253,7 @@ def test_fused_exact_when_no_resampling_is_needed() -> None:
     rng = np.random.default_rng(0)
     for size in [(248, 248), (248, 301), (395, 248), (248, 249)]:
         img = Image.fromarray(rng.integers(0, 256, (size[1], size[0], 3), dtype=np.uint8))
-        torch.testing.assert_close(fused(img), reference(img), rtol=0, atol=1e-6)
+        torch.testing.assert_close(as_input(fused(img), VIT_CONFIG), reference(img), rtol=0, atol=2e-6)
 
 
 def test_crop_box_matches_torchvision_geometry() -> None:
@@ -239,10 +283,13 @@ def test_crop_box_matches_torchvision_geometry() -> None:
 def test_other_configs_use_timm_transform_exactly(config: dict) -> None:
     pre = Preprocessor(config, max_pixels=10**8)
     reference = create_transform(**config, is_training=False)
-    if config.get("crop_pct", 0) > 1:  # fused path kept, but every image falls back to timm's transform
+    steps = timm_pil_steps(config)
+    if config.get("crop_pct", 0) > 1:  # fused path kept, but every image falls back to timm's steps
         assert pre.fused is not None
     else:
-        assert pre.fused is None and pre.transform is pre.reference
+        assert pre.fused is None
     for path in sample_images(3):
         data = path.read_bytes()
-        torch.testing.assert_close(pre(data), reference(pre.decode(data)), rtol=0, atol=0)
+        img = pre.decode(data)
+        assert np.array_equal(pre(data), np.asarray(steps(img)))
+        torch.testing.assert_close(as_input(pre(data), config), reference(img), rtol=0, atol=2e-6)

@@ -73,11 +73,11 @@ def _images(n: int) -> list[bytes]:
 
 
 def _idle_cpu_cores(url: str, seconds: float = 2.0) -> float:
-    """Cores the server process uses while no request arrives (from its process_cpu_seconds_total)."""
+    """Cores all the server's processes use while no request arrives (tome_process_cpu_seconds_total)."""
     time.sleep(0.5)  # let the last responses' work finish
-    before = metric_value(httpx.get(f"{url}/metrics").text, "process_cpu_seconds_total")
+    before = metric_value(httpx.get(f"{url}/metrics").text, "tome_process_cpu_seconds_total")
     time.sleep(seconds)
-    after = metric_value(httpx.get(f"{url}/metrics").text, "process_cpu_seconds_total")
+    after = metric_value(httpx.get(f"{url}/metrics").text, "tome_process_cpu_seconds_total")
     return (after - before) / seconds
 
 
@@ -155,8 +155,10 @@ def test_sigterm_during_load_answers_every_accepted_request(tmp_path: Path) -> N
             assert time.monotonic() < deadline, "requests never got in flight"
             time.sleep(0.005)
         proc.send_signal(signal.SIGTERM)
-        try:  # while draining: not ready, no new work (or already gone if the drain was quick)
-            ready = httpx.get(f"{url}/readyz", timeout=5).status_code
+        try:  # while draining: not ready within a probe's second, no new work (or already gone)
+            until = time.monotonic() + 1.0
+            while (ready := httpx.get(f"{url}/readyz", timeout=5).status_code) == 200 and time.monotonic() < until:
+                time.sleep(0.01)
             late = _post(url, data, "exact").status_code
         except httpx.TransportError:
             ready = late = 503

@@ -11,9 +11,9 @@ import torch
 from pydantic import ValidationError
 
 from models import tome
-from service.model_loading import ModelLoadError, load_model
+from service.engine.loading import ModelLoadError, load_model, resolve_device
+from service.engine.tiers import build_tiers, default_tier_specs
 from service.settings import ModelSpec, TierSpec, load_settings
-from service.tiers import build_tiers, default_tier_specs
 
 from .conftest import TINY_MODEL
 
@@ -188,3 +188,46 @@ def test_cli_reports_load_error_in_one_line(capsys) -> None:
     assert main(["--config", "/nonexistent.toml"]) == 2
     err = capsys.readouterr().err
     assert err.startswith("tome-serve: cannot start:") and "nonexistent" in err
+
+
+@pytest.mark.parametrize(
+    ("section", "typo"),
+    [
+        ("[[models]]", 'weigths = "x.safetensors"'),  # would fall back to the hub
+        ("[batching]", "max_batchsize = 8"),
+        ("[limits]", "max_file = 2"),
+        ("[server]", "worker = 2"),
+    ],
+)
+def test_unknown_keys_in_any_section_are_refused(tmp_path, section: str, typo: str) -> None:
+    base = 'device = "cpu"\n[[models]]\nname = "a"\nweights = "random"\n'
+    text = base.replace("[[models]]\n", f"[[models]]\n{typo}\n") if section == "[[models]]" else base
+    if section != "[[models]]":
+        text += f"{section}\n{typo}\n"
+    path = tmp_path / "c.toml"
+    path.write_text(text)
+    with pytest.raises(ValidationError, match="Extra inputs are not permitted"):
+        load_settings(path)
+
+
+def test_tier_typo_is_refused_not_silently_constant() -> None:
+    with pytest.raises(ValidationError, match="inflexion"):
+        ModelSpec(**{**TINY_MODEL, "tiers": {"fast": {"r": 13, "inflexion": -1}}})
+
+
+@pytest.mark.parametrize("name", ["r13", "r0", "auto"])
+def test_reserved_tier_names_are_refused(name: str) -> None:
+    with pytest.raises(ValidationError, match="reserved"):
+        ModelSpec(**{**TINY_MODEL, "tiers": {name: {"r": 1}}})
+
+
+@pytest.mark.parametrize("device", ["gpu", "cuda:x", "tpu", ""])
+def test_malformed_device_is_refused(device: str) -> None:
+    with pytest.raises(ValidationError, match="device must be"):
+        load_settings(None, device=device, models=[TINY_MODEL])
+
+
+def test_cuda_device_that_is_not_there_is_a_load_error() -> None:
+    count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    with pytest.raises(ModelLoadError, match="cuda:7" if count else "CUDA is not available"):
+        resolve_device(f"cuda:{max(count, 7)}" if count else "cuda:7")

@@ -9,14 +9,10 @@ from starlette.datastructures import UploadFile
 from starlette.formparsers import MultiPartException, MultiPartParser
 from starlette.requests import Request
 
-from .rejections import Rejection
+from ..errors import ServiceError
 
 RAW_BODY_TYPES = ("image/", "application/octet-stream")
 FILE_FIELD = "file"
-
-
-class BodyRejected(Rejection):
-    """The body cannot be read as images."""
 
 
 @dataclass(frozen=True)
@@ -25,8 +21,8 @@ class ImagePart:
     data: bytes
 
 
-def _too_large(limit: int) -> BodyRejected:
-    return BodyRejected(413, "too_large", f"request body is over the limit of {limit} bytes")
+def _too_large(limit: int) -> ServiceError:
+    return ServiceError(413, "too_large", f"request body is over the limit of {limit} bytes")
 
 
 async def limited_stream(request: Request, limit: int) -> AsyncIterator[bytes]:
@@ -37,7 +33,7 @@ async def limited_stream(request: Request, limit: int) -> AsyncIterator[bytes]:
             if int(declared) > limit:
                 raise _too_large(limit)
         except ValueError as e:
-            raise BodyRejected(400, "bad_request", "Content-Length is not an integer") from e
+            raise ServiceError(400, "bad_request", "Content-Length is not an integer") from e
     received = 0
     async for chunk in request.stream():
         received += len(chunk)
@@ -53,7 +49,7 @@ async def read_images(request: Request, max_bytes: int, max_files: int) -> list[
     if media_type == "multipart/form-data":
         return await _read_multipart(request, max_bytes, max_files)
     if not media_type.startswith(RAW_BODY_TYPES):
-        raise BodyRejected(
+        raise ServiceError(
             415,
             "bad_image",
             f"unsupported Content-Type {media_type or '(none)'!r}: send multipart/form-data with a "
@@ -63,7 +59,7 @@ async def read_images(request: Request, max_bytes: int, max_files: int) -> list[
     async for chunk in limited_stream(request, max_bytes):
         body.extend(chunk)
     if not body:
-        raise BodyRejected(422, "bad_image", "empty body: no image bytes were sent")
+        raise ServiceError(422, "bad_image", "empty body: no image bytes were sent")
     return [ImagePart(None, bytes(body))]
 
 
@@ -72,15 +68,15 @@ async def _read_multipart(request: Request, max_bytes: int, max_files: int) -> l
     try:
         form = await parser.parse()
     except MultiPartException as e:
-        raise BodyRejected(422, "bad_request", f"malformed multipart body: {e.message}") from e
+        raise ServiceError(422, "bad_request", f"malformed multipart body: {e.message}") from e
     try:
         values = form.getlist(FILE_FIELD)
         if not values:
-            raise BodyRejected(422, "bad_request", f"multipart body has no '{FILE_FIELD}' part")
+            raise ServiceError(422, "bad_request", f"multipart body has no '{FILE_FIELD}' part")
         parts = []
         for value in values:
             if not isinstance(value, UploadFile):
-                raise BodyRejected(
+                raise ServiceError(
                     422, "bad_request", f"'{FILE_FIELD}' must be a file part, not a text field"
                 )
             parts.append(ImagePart(value.filename, await value.read()))

@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 from models import tome
 
-from .settings import TierSpec
+from ..settings import TierSpec
 
 DEFAULT_TIER_NAMES = ("exact", "balanced", "fast", "fastest")
 

@@ -13,7 +13,7 @@ import torch
 from models import tome
 from models.timm_data import model_data_config
 
-from .settings import ModelSpec
+from ..settings import ModelSpec
 from .tiers import Tier, build_tiers
 
 log = logging.getLogger(__name__)
@@ -45,13 +45,19 @@ class LoadedModel:
 
 
 def resolve_device(device: str) -> torch.device:
-    """``auto`` picks CUDA when present, CPU otherwise."""
+    """``auto`` picks CUDA when present, CPU otherwise; a CUDA device that is not there: ModelLoadError."""
     if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        return torch.device("cuda:0" if torch.cuda.is_available() else "cpu")
     resolved = torch.device(device)
-    if resolved.type == "cuda" and not torch.cuda.is_available():
+    if resolved.type != "cuda":
+        return resolved
+    if not torch.cuda.is_available():
         raise ModelLoadError(f"device {device!r} is configured but CUDA is not available")
-    return resolved
+    count = torch.cuda.device_count()
+    index = 0 if resolved.index is None else resolved.index
+    if index >= count:
+        raise ModelLoadError(f"device {device!r} is configured but this machine has {count} CUDA device(s)")
+    return torch.device("cuda", index)
 
 
 def _create(spec: ModelSpec) -> tuple[torch.nn.Module, str]:

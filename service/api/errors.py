@@ -1,0 +1,72 @@
+"""One exception handler renders every refusal as JSON and counts it; validation errors become ours."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import Response
+
+from ..errors import ServiceError
+from .request_ids import REQUEST_ID_HEADER, request_id
+from .schemas import ErrorDetail, ErrorResponse
+
+NOT_REJECTIONS = frozenset({"internal", "client_closed"})  # a server fault, or nobody is listening
+
+
+@dataclass
+class Outcome:
+    """Labels of one classify request as it is resolved (``request.state.outcome``), counted once."""
+
+    request_id: str
+    model: str = "none"
+    tier: str = "none"
+    started: float = field(default_factory=time.perf_counter)
+
+
+def error_response(error: ServiceError, request_id: str | None) -> Response:
+    body = ErrorResponse(
+        error=ErrorDetail(code=error.code, message=error.message, valid=error.valid), request_id=request_id
+    )
+    headers = dict(error.headers)
+    if request_id:
+        headers[REQUEST_ID_HEADER] = request_id
+    return Response(
+        body.model_dump_json(exclude_none=True),
+        status_code=error.status,
+        headers=headers,
+        media_type="application/json",
+    )
+
+
+def count_request(request: Request, outcome: Outcome, status: int) -> None:
+    metrics = request.app.state.frontend.metrics
+    labels = {"model": outcome.model, "tier": outcome.tier}
+    metrics.requests.labels(**labels, status=str(status)).inc()
+    if status == 200:
+        metrics.request_duration.labels(**labels).observe(time.perf_counter() - outcome.started)
+
+
+async def service_error(request: Request, exc: Exception) -> Response:
+    assert isinstance(exc, ServiceError)
+    if exc.code not in NOT_REJECTIONS:
+        request.app.state.frontend.metrics.reject(exc.code)
+    outcome: Outcome | None = getattr(request.state, "outcome", None)
+    if outcome is not None:
+        count_request(request, outcome, exc.status)
+    return error_response(exc, outcome.request_id if outcome else request.headers.get(REQUEST_ID_HEADER))
+
+
+async def validation_error(request: Request, exc: Exception) -> Response:
+    assert isinstance(exc, RequestValidationError)
+    details = "; ".join(f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in exc.errors())
+    if request.url.path == "/classify" and getattr(request.state, "outcome", None) is None:
+        request.state.outcome = Outcome(request_id(request))
+    return await service_error(request, ServiceError(422, "bad_request", details))
+
+
+def install(app: FastAPI) -> None:
+    app.add_exception_handler(ServiceError, service_error)
+    app.add_exception_handler(RequestValidationError, validation_error)

@@ -1,0 +1,245 @@
+"""``POST /classify``: admit -> read the body -> take slots -> decode into them -> engine -> response.
+
+Every refusal is a ``ServiceError`` raised on the way and rendered by ``api.errors``; the request is
+counted once, there or at the end of ``classify``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Query, Request
+from fastapi.responses import Response
+
+from ...errors import ServiceError, unavailable
+from ...ingest.body import ImagePart, read_images
+from ...ipc.client import EngineGone
+from ...ipc.protocol import Reject, Result
+from ..dependencies import FrontendDep, deadline, resolve_model, resolve_tier, resolve_top_k
+from ..errors import Outcome, count_request
+from ..request_ids import REQUEST_ID_HEADER, request_id
+from ..schemas import ClassifyResponse, ErrorDetail, ErrorResponse, ImageResult, Prediction, Timings
+from ..state import Frontend, ServedModel
+
+router = APIRouter()
+
+CLASSIFY_OPENAPI: dict[str, Any] = {
+    "requestBody": {
+        "required": True,
+        "content": {
+            "multipart/form-data": {
+                "schema": {
+                    "type": "object",
+                    "properties": {
+                        "file": {
+                            "type": "array",
+                            "items": {"type": "string", "format": "binary"},
+                            "description": "one or more images (JPEG, PNG, WebP, BMP, GIF)",
+                        }
+                    },
+                    "required": ["file"],
+                }
+            },
+            "image/jpeg": {"schema": {"type": "string", "format": "binary"}},
+            "image/png": {"schema": {"type": "string", "format": "binary"}},
+        },
+    },
+}
+
+CLASSIFY_ERRORS: dict[int | str, dict[str, Any]] = {
+    status: {"model": ErrorResponse, "description": text}
+    for status, text in {
+        400: "unknown tier, or raw r not allowed",
+        404: "unknown model",
+        413: "body over the size limit",
+        415: "not an image / unsupported content type",
+        422: "corrupt or empty image, too many pixels, bad parameter",
+        500: "inference failed",
+        503: "overloaded, queue full, warming up, draining or engine down (see Retry-After)",
+        504: "deadline passed while queued",
+    }.items()
+}
+
+_REJECT_STATUS = {"deadline": 504, "internal": 500, "bad_request": 400}
+
+
+def _refusal(reject: Reject) -> ServiceError:
+    status = _REJECT_STATUS.get(reject.code)
+    if status is None:  # queue_full, draining, warming_up: the client should retry
+        return unavailable(reject.code, reject.message)
+    return ServiceError(status, reject.code, reject.message)
+
+
+async def _decode(
+    frontend: Frontend, model: ServedModel, parts: list[ImagePart], slots: list[int]
+) -> list[ServiceError | None]:
+    """Decode each part into its slot in the decode threads; per image, None or why it was refused."""
+    loop = asyncio.get_running_loop()
+    metrics = frontend.metrics
+
+    async def one(part: ImagePart, slot: int) -> ServiceError | None:
+        start = time.perf_counter()
+        try:
+            await loop.run_in_executor(
+                frontend.decode_pool, model.preprocessor.into, part.data, model.slots[slot]
+            )
+        except ServiceError as e:
+            return e
+        finally:
+            metrics.decode_backlog.dec()
+        metrics.preprocess_duration.labels(model=model.name).observe(time.perf_counter() - start)
+        return None
+
+    metrics.decode_backlog.inc(len(parts))
+    if len(parts) == 1:
+        return [await one(parts[0], slots[0])]
+    return list(await asyncio.gather(*(one(p, s) for p, s in zip(parts, slots, strict=True))))
+
+
+async def _wait(
+    request: Request, frontend: Frontend, engine_id: int, answer: asyncio.Future, until: float
+) -> Result:
+    """The engine's answer, unless the client leaves (499) or the deadline passes (504) first."""
+
+    async def disconnected() -> None:
+        while (await request.receive())["type"] != "http.disconnect":
+            pass
+
+    watcher = asyncio.ensure_future(disconnected())
+    try:
+        done, _ = await asyncio.wait(
+            [answer, watcher], timeout=max(0.0, until - time.monotonic()), return_when=asyncio.FIRST_COMPLETED
+        )
+    finally:
+        watcher.cancel()
+    if answer in done:
+        try:
+            reply = answer.result()
+        except EngineGone as e:
+            raise unavailable("engine_down", "the inference engine stopped") from e
+        if isinstance(reply, Reject):
+            raise _refusal(reply)
+        return reply
+    frontend.engine.cancel(engine_id)  # its slots come back with the engine's final answer
+    if watcher in done:
+        raise ServiceError(499, "client_closed", "the client closed the connection")
+    raise ServiceError(504, "deadline", "the request's deadline passed while it was queued")
+
+
+def _predictions(model: ServedModel, indices: list[int], scores: list[float]) -> list[Prediction]:
+    labels = model.labels
+    return [Prediction(label=labels[i], index=i, score=s) for i, s in zip(indices, scores, strict=True)]
+
+
+@router.post(
+    "/classify",
+    response_model=ClassifyResponse,
+    response_model_exclude_none=True,
+    openapi_extra=CLASSIFY_OPENAPI,
+    responses=CLASSIFY_ERRORS,
+    summary="Classify one or more images",
+)
+async def classify(
+    request: Request,
+    frontend: FrontendDep,
+    tier: Annotated[
+        str | None, Query(description="speed/accuracy tier; see GET /tiers", examples=["fast"])
+    ] = None,
+    top_k: Annotated[
+        int | None,
+        Query(description="how many classes to return (default 5, at most limits.max_top_k)", examples=[5]),
+    ] = None,
+    model: Annotated[
+        str | None, Query(description="model name; see GET /models", examples=["vit-base"])
+    ] = None,
+    r: Annotated[int | None, Query(description="raw ToMe r (only when the model's config allows it)")] = None,
+) -> Response:
+    """Send the image as multipart field `file` (repeat it for several images) or as a raw body with an
+    image Content-Type. A deadline can be shortened with the `X-Deadline-Ms` header."""
+    outcome = request.state.outcome = Outcome(request_id(request))
+    frontend.check_serving()
+    with frontend.admitted():
+        served = resolve_model(frontend, model)
+        outcome.model = served.name
+        tier_key, tier_info = resolve_tier(served, tier, r)
+        outcome.tier = tier_info["name"]
+        k = resolve_top_k(served, top_k)
+        until = deadline(request, frontend)
+        limits = frontend.settings.limits
+        parts = await read_images(request, limits.max_body_bytes, limits.max_files)
+        slots = served.free.acquire(len(parts))
+        if slots is None:
+            raise unavailable("overloaded", "too many images decoding or queued on this worker; retry later")
+        try:
+            errors = await _decode(frontend, served, parts, slots)
+        except BaseException:
+            served.free.release(slots)
+            raise
+        ok = [slot for slot, error in zip(slots, errors, strict=True) if error is None]
+        served.free.release([slot for slot, error in zip(slots, errors, strict=True) if error is not None])
+        if len(parts) == 1 and errors[0] is not None:
+            raise errors[0]
+        for error in errors:
+            if error is not None:
+                frontend.metrics.reject(error.code)
+        result: Result | None = None
+        if ok:
+            try:
+                engine_id, answer = frontend.engine.submit(
+                    served.name, tier_key, until, k, ok, on_final=lambda: served.free.release(ok)
+                )
+            except EngineGone as e:
+                raise unavailable("engine_down", "the inference engine is not running") from e
+            result = await _wait(request, frontend, engine_id, answer, until)
+            outcome.tier = result.tier
+        response = _respond(outcome, served, tier_info, parts, errors, result)
+    count_request(request, outcome, 200)
+    return response
+
+
+def _respond(
+    outcome: Outcome,
+    served: ServedModel,
+    tier_info: dict,
+    parts: list[ImagePart],
+    errors: list[ServiceError | None],
+    result: Result | None,
+) -> Response:
+    total_ms = (time.perf_counter() - outcome.started) * 1000
+    images = iter(result.images if result is not None else [])
+    slots: list[ImageResult] = []
+    for part, error in zip(parts, errors, strict=True):
+        if error is not None:
+            slots.append(
+                ImageResult(filename=part.filename, error=ErrorDetail(code=error.code, message=error.message))
+            )
+            continue
+        image = next(images)
+        slots.append(
+            ImageResult(
+                filename=part.filename,
+                top_k=_predictions(served, image.indices, image.scores),
+                timings=Timings(
+                    queue_ms=image.queue_s * 1000, inference_ms=image.inference_s * 1000, total_ms=total_ms
+                ),
+                batch_size=image.batch_size,
+            )
+        )
+    body = ClassifyResponse(
+        request_id=outcome.request_id,
+        model=served.name,
+        tier=outcome.tier,
+        schedule=tier_info["schedule"],
+        r_per_block=tier_info["r_per_block"],
+    )
+    if len(slots) == 1:
+        body.top_k, body.timings, body.batch_size = slots[0].top_k, slots[0].timings, slots[0].batch_size
+    else:
+        body.results = slots
+    return Response(
+        body.model_dump_json(exclude_none=True),
+        media_type="application/json",
+        headers={REQUEST_ID_HEADER: outcome.request_id},
+    )

@@ -1,0 +1,38 @@
+"""Operations: liveness, readiness and metrics."""
+
+from __future__ import annotations
+
+from fastapi import APIRouter
+from fastapi.responses import JSONResponse, Response
+from prometheus_client import CONTENT_TYPE_LATEST
+
+from ...observability.metrics import render
+from ..dependencies import FrontendDep
+
+router = APIRouter()
+
+
+@router.get("/healthz", summary="Liveness: 200 while this process and the engine run")
+async def healthz(frontend: FrontendDep) -> JSONResponse:
+    if not frontend.engine.connected:
+        return JSONResponse({"status": "engine_down"}, status_code=503)
+    return JSONResponse({"status": "ok"})
+
+
+@router.get(
+    "/readyz",
+    summary="Readiness: 200 once every model is loaded and warm; 503 while starting, draining or engine down",
+)
+async def readyz(frontend: FrontendDep) -> JSONResponse:
+    if frontend.draining or frontend.engine.state.draining:
+        return JSONResponse({"status": "draining"}, status_code=503)
+    if not frontend.engine.connected:
+        return JSONResponse({"status": "engine_down"}, status_code=503)
+    if not frontend.engine.state.ready:
+        return JSONResponse({"status": "starting"}, status_code=503)
+    return JSONResponse({"status": "ready"})
+
+
+@router.get("/metrics", summary="Prometheus metrics of every process of the service")
+async def metrics(frontend: FrontendDep) -> Response:
+    return Response(render(frontend.registry, frontend.process_roles), media_type=CONTENT_TYPE_LATEST)

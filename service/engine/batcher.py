@@ -1,0 +1,241 @@
+"""Dynamic batching on one device: one bounded queue per (model, tier), batches run by a ``Runner``.
+
+Everything here runs on the engine's event-loop thread, so queue state needs no locks. Among the queues
+whose batch is closed (full, or its head waited ``max_wait``), the one whose head has waited longest goes
+next, so no tier starves. Up to ``pipeline_depth`` batches are in flight: on CUDA the next batch is
+staged and launched while the previous one runs.
+
+A queue's bound counts *live* images only: an image whose request was cancelled (client gone, deadline
+passed) stops counting at once, and is skipped when it reaches the head.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections import deque
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass, field
+
+from ..observability.metrics import EngineMetrics
+
+log = logging.getLogger(__name__)
+
+
+class QueueFull(Exception):
+    """Admitting these images would take the (model, tier) queue over max_queue_size."""
+
+
+class Draining(Exception):
+    """The engine is shutting down and accepts no new work."""
+
+
+class DeadlineExceeded(Exception):
+    """The job's deadline passed before its batch started."""
+
+
+@dataclass(frozen=True)
+class BatchOutput:
+    """What a runner returns for one batch: per image, its top-k indices and scores."""
+
+    indices: list[list[int]]
+    scores: list[list[float]]
+    inference_s: float
+
+
+RunBatch = Callable[[Sequence[int]], Awaitable[BatchOutput]]
+"""Runs one batch given its images' slot indices (the queue's tier is bound into it)."""
+
+
+@dataclass(frozen=True)
+class JobResult:
+    indices: list[int]
+    scores: list[float]
+    queue_s: float
+    inference_s: float
+    batch_size: int
+
+
+@dataclass(eq=False)
+class Job:
+    """One image waiting for its batch; ``done`` is called exactly once, with a result or an exception,
+    unless the job was abandoned before it started."""
+
+    slot: int
+    enqueued: float
+    deadline: float
+    done: Callable[[Job, JobResult | BaseException], None]
+    started: bool = False
+    abandoned: bool = False
+
+
+@dataclass(eq=False)
+class TierQueue:
+    model: str
+    tier: str
+    run: RunBatch
+    jobs: deque[Job] = field(default_factory=deque)
+    live: int = 0  # jobs neither started nor abandoned
+
+
+class Batcher:
+    """Groups queued images into batches and runs them on one device."""
+
+    def __init__(
+        self,
+        max_batch_size: int,
+        max_wait_s: float,
+        max_queue_size: int,
+        pipeline_depth: int,
+        metrics: EngineMetrics,
+    ) -> None:
+        self.max_batch_size = max_batch_size
+        self.max_wait_s = max_wait_s
+        self.max_queue_size = max_queue_size
+        self.metrics = metrics
+        self.queues: list[TierQueue] = []
+        self._slots = asyncio.Semaphore(pipeline_depth)
+        self._in_flight: set[asyncio.Task[None]] = set()
+        self._wakeup = asyncio.Event()
+        self._closing = False
+        self._task: asyncio.Task[None] | None = None
+
+    def add_queue(self, model: str, tier: str, run: RunBatch) -> TierQueue:
+        queue = TierQueue(model, tier, run)
+        self.queues.append(queue)
+        self.metrics.init_queue(model, tier)
+        return queue
+
+    def start(self) -> None:
+        self._task = asyncio.get_running_loop().create_task(self._loop(), name="batcher")
+
+    @property
+    def idle(self) -> bool:
+        """Nothing queued and nothing running."""
+        return not self._in_flight and not any(q.live for q in self.queues)
+
+    async def close(self) -> None:
+        """Run every live queued job, then stop (new submissions raise ``Draining``)."""
+        self._closing = True
+        self._wakeup.set()
+        if self._task is not None:
+            await self._task
+        if self._in_flight:
+            await asyncio.wait(self._in_flight)
+
+    def submit(
+        self,
+        queue: TierQueue,
+        slots: Sequence[int],
+        deadline: float,
+        done: Callable[[Job, JobResult | BaseException], None],
+    ) -> list[Job]:
+        """Enqueue a request's images, all or none; raises ``QueueFull`` or ``Draining`` at once."""
+        if self._closing:
+            raise Draining()
+        if queue.live + len(slots) > self.max_queue_size:
+            raise QueueFull()
+        now = time.monotonic()
+        jobs = [Job(slot, now, deadline, done) for slot in slots]
+        queue.jobs.extend(jobs)
+        queue.live += len(jobs)
+        self._set_depth(queue)
+        self._wakeup.set()
+        return jobs
+
+    def abandon(self, queue: TierQueue, jobs: Sequence[Job]) -> int:
+        """Skip the jobs that have not started; returns how many were still waiting."""
+        waiting = [job for job in jobs if not job.started and not job.abandoned]
+        for job in waiting:
+            job.abandoned = True
+        queue.live -= len(waiting)
+        self._set_depth(queue)
+        return len(waiting)
+
+    def _set_depth(self, queue: TierQueue) -> None:
+        self.metrics.queue_depth.labels(model=queue.model, tier=queue.tier).set(queue.live)
+
+    @staticmethod
+    def _prune_head(queue: TierQueue) -> None:
+        while queue.jobs and queue.jobs[0].abandoned:
+            queue.jobs.popleft()
+
+    def _pick(self, now: float) -> tuple[TierQueue | None, float | None]:
+        """The closed queue with the oldest head, else how long until the next one closes."""
+        best: TierQueue | None = None
+        next_close: float | None = None
+        for queue in self.queues:
+            self._prune_head(queue)
+            if not queue.jobs:
+                continue
+            head = queue.jobs[0].enqueued
+            closes_at = head + self.max_wait_s
+            closed = self._closing or queue.live >= self.max_batch_size or now >= closes_at
+            if closed:
+                if best is None or head < best.jobs[0].enqueued:
+                    best = queue
+            elif next_close is None or closes_at < next_close:
+                next_close = closes_at
+        return best, (None if next_close is None else max(0.0, next_close - now))
+
+    def _take(self, queue: TierQueue, now: float) -> list[Job]:
+        jobs: list[Job] = []
+        while queue.jobs and len(jobs) < self.max_batch_size:
+            job = queue.jobs.popleft()
+            if job.abandoned:
+                continue
+            queue.live -= 1
+            job.started = True
+            if now > job.deadline:
+                job.done(job, DeadlineExceeded())
+                continue
+            jobs.append(job)
+        self._set_depth(queue)
+        return jobs
+
+    async def _loop(self) -> None:
+        while True:
+            await self._slots.acquire()  # at most pipeline_depth batches in flight
+            while True:
+                now = time.monotonic()
+                queue, wait = self._pick(now)
+                if queue is not None or self._closing:
+                    break
+                self._wakeup.clear()
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._wakeup.wait(), timeout=wait)
+            if queue is None:
+                self._slots.release()
+                return
+            jobs = self._take(queue, now)
+            if not jobs:
+                self._slots.release()
+                continue
+            task = asyncio.get_running_loop().create_task(self._execute(queue, jobs))
+            self._in_flight.add(task)
+            task.add_done_callback(self._in_flight.discard)
+
+    async def _execute(self, queue: TierQueue, jobs: list[Job]) -> None:
+        labels = {"model": queue.model, "tier": queue.tier}
+        start = time.monotonic()
+        try:
+            for job in jobs:
+                self.metrics.queue_wait.labels(**labels).observe(start - job.enqueued)
+            try:
+                out = await queue.run([job.slot for job in jobs])
+            except Exception as e:
+                log.exception("batch of %d failed on %s %s", len(jobs), queue.model, queue.tier)
+                for job in jobs:
+                    job.done(job, e)
+                return
+            self.metrics.batch_duration.labels(**labels).observe(out.inference_s)
+            self.metrics.batch_size.labels(**labels).observe(len(jobs))
+            self.metrics.images.labels(**labels).inc(len(jobs))
+            for i, job in enumerate(jobs):
+                queue_s = start - job.enqueued
+                job.done(job, JobResult(out.indices[i], out.scores[i], queue_s, out.inference_s, len(jobs)))
+        finally:
+            self._slots.release()
+            self._wakeup.set()

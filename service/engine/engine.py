@@ -1,0 +1,316 @@
+"""The engine: loaded models, their tiers and runners, the batcher, and one final answer per request.
+
+Lives in the engine process (or, in tests, a thread of the test process) and is driven by
+``connections.EngineServer``. All methods run on the engine's event-loop thread except ``load``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from ..ipc.protocol import ImageOutcome, Reject, Result, State
+from ..ipc.rundir import RunDir
+from ..ipc.slots import SlotLayout, create_slot_file, map_slots
+from ..observability.metrics import EngineMetrics
+from ..settings import ServiceSettings
+from .batcher import Batcher, DeadlineExceeded, Draining, Job, JobResult, QueueFull, TierQueue
+from .labels import class_names
+from .loading import LoadedModel, load_model, resolve_device
+from .runner import DeviceThreads, ModelRunner
+from .tiers import Tier, max_raw_r, raw_r_tier
+from .warmup import warm_up
+
+log = logging.getLogger(__name__)
+
+Reply = Callable[[Result | Reject], None]
+
+
+@dataclass(eq=False)
+class _Request:
+    """One ``Submit`` in flight: its jobs and what has come back so far."""
+
+    id: int
+    model: str
+    tier: str
+    queue: TierQueue
+    top_k: int
+    reply: Reply
+    jobs: list[Job] = field(default_factory=list)
+    results: dict[int, JobResult] = field(default_factory=dict)
+    error: BaseException | None = None
+    cancelled: bool = False
+    pending: int = 0
+
+    def answer(self) -> Result | Reject:
+        if self.cancelled:
+            return Reject(self.id, "cancelled", "cancelled by the front-end")
+        if isinstance(self.error, DeadlineExceeded):
+            return Reject(self.id, "deadline", "the request's deadline passed while it was queued")
+        if self.error is not None:
+            return Reject(self.id, "internal", "inference failed")
+        images = []
+        for job in self.jobs:
+            r = self.results[id(job)]
+            images.append(
+                ImageOutcome(
+                    r.queue_s, r.inference_s, r.batch_size, r.indices[: self.top_k], r.scores[: self.top_k]
+                )
+            )
+        return Result(self.id, self.tier, None, images)
+
+
+def _describe_tier(tier: Tier) -> dict[str, Any]:
+    return {
+        "name": tier.name,
+        "schedule": tier.describe_schedule(),
+        "r_per_block": list(tier.info.r_per_block),
+        "tokens_after_last_block": tier.info.tokens_after_block[-1],
+        "gflops": tier.info.gflops,
+    }
+
+
+class Engine:
+    """What one engine owns. ``workers`` front-ends each get ``max_pending_images`` slots per model."""
+
+    def __init__(
+        self, settings: ServiceSettings, rundir: RunDir, metrics: EngineMetrics, workers: int
+    ) -> None:
+        self.settings = settings
+        self.rundir = rundir
+        self.metrics = metrics
+        self.workers = workers
+        self.models: dict[str, LoadedModel] = {}
+        self.runners: dict[str, ModelRunner] = {}
+        self.labels: dict[str, list[str]] = {}
+        self.layouts: dict[str, SlotLayout] = {}
+        self.queues: dict[tuple[str, str | int], TierQueue] = {}
+        self.speedups: dict[str, dict[str, float]] = {}
+        self.batch_seconds: dict[str, dict[str, dict[int, float]]] = {}
+        self.threads: DeviceThreads | None = None
+        self.batcher: Batcher | None = None
+        self.requests: dict[tuple[int, int], _Request] = {}  # (connection id, request id)
+        self.ready = False
+        self.draining = False
+        self._state_listeners: list[Callable[[State], None]] = []
+        self._idle = asyncio.Event()
+
+    # ---- start-up -------------------------------------------------------------------------------
+    def load(self) -> None:
+        """Load every model and create its shared slots (blocking; raises ``ModelLoadError``)."""
+        device = resolve_device(self.settings.device)
+        self.threads = DeviceThreads(device)
+        limits, b = self.settings.limits, self.settings.batching
+        slot_count = self.workers * self.settings.server.max_pending_images
+        for index, spec in enumerate(self.settings.models):
+            loaded = load_model(spec, device)
+            _, h, w = loaded.input_size
+            layout = SlotLayout(slot_count, h, w)
+            create_slot_file(self.rundir.slots(index), layout)
+            slots = torch.from_numpy(map_slots(self.rundir.slots(index), layout))
+            top_k = min(limits.max_top_k, loaded.num_classes)
+            self.runners[spec.name] = ModelRunner(
+                loaded, slots, self.threads, b.max_batch_size, top_k, b.cuda_graphs, b.pipeline_depth
+            )
+            self.models[spec.name] = loaded
+            self.layouts[spec.name] = layout
+            self.labels[spec.name] = list(class_names(loaded.num_classes))
+            for tier in loaded.tiers.values():
+                self.metrics.tier_info.labels(
+                    model=spec.name, tier=tier.name, schedule=tier.describe_schedule()
+                ).set(1)
+                self.metrics.tier_gflops.labels(model=spec.name, tier=tier.name).set(tier.info.gflops)
+
+    async def start(self) -> None:
+        """Build the batcher and queues, warm up every tier and bucket (on the device thread), then serve."""
+        b = self.settings.batching
+        depth = b.pipeline_depth if self.threads is not None and self.threads.device.type == "cuda" else 1
+        self.batcher = Batcher(b.max_batch_size, b.max_wait_ms / 1000, b.max_queue_size, depth, self.metrics)
+        for name, loaded in self.models.items():
+            for tier in loaded.tiers.values():
+                self._add_queue(name, tier.name, tier)
+        if b.warmup:
+            for name, loaded in self.models.items():
+                start = time.perf_counter()
+                runner = self.runners[name]
+                report = await self._device_call(lambda r=runner, t=loaded.tiers: warm_up(r, t))
+                self.speedups[name] = report.speedups
+                self.batch_seconds[name] = report.batch_seconds
+                for tier, speedup in report.speedups.items():
+                    self.metrics.tier_speedup.labels(model=name, tier=tier).set(speedup)
+                log.info(
+                    "warmed up %s in %.1fs (%d CUDA graphs): speedups %s",
+                    name, time.perf_counter() - start, report.graphs, report.speedups,
+                )  # fmt: skip
+        self.batcher.start()
+        self.ready = True
+        self.metrics.engine_ready.set(1)
+        self._publish()
+
+    async def _device_call(self, fn: Callable[[], Any]) -> Any:
+        assert self.threads is not None
+        return await self.threads.call(fn)
+
+    def _add_queue(self, model: str, key: str | int, tier: Tier) -> TierQueue:
+        assert self.batcher is not None
+        queue = self.batcher.add_queue(model, tier.name, self.runners[model].runner_for(tier))
+        self.queues[(model, key)] = queue
+        return queue
+
+    # ---- what front-ends see ----------------------------------------------------------------------
+    def description(self) -> dict[str, Any]:
+        """Everything a front-end needs to validate, preprocess and describe (sent once, at hello)."""
+        models = []
+        for index, (name, m) in enumerate(self.models.items()):
+            layout = self.layouts[name]
+            models.append(
+                {
+                    "name": name,
+                    "architecture": m.spec.architecture,
+                    "weights_source": m.weights_source,
+                    "random_weights": m.spec.weights == "random",
+                    "device": str(m.device),
+                    "dtype": str(m.dtype).removeprefix("torch."),
+                    "num_classes": m.num_classes,
+                    "input_size": list(m.input_size),
+                    "data_config": {
+                        k: list(v) if isinstance(v, tuple) else v for k, v in m.data_config.items()
+                    },
+                    "labels": self.labels[name],
+                    "max_top_k": self.runners[name].top_k,
+                    "default_tier": m.spec.default_tier,
+                    "allow_raw_r": m.spec.allow_raw_r,
+                    "raw_r_max": max_raw_r(m.model),
+                    "tiers": [_describe_tier(t) for t in m.tiers.values()],
+                    "raw_tiers": [
+                        {"r": r, **_describe_tier(raw_r_tier(m.model, r))}
+                        for r in (range(max_raw_r(m.model) + 1) if m.spec.allow_raw_r else [])
+                    ],
+                    "slots": {
+                        "path": str(self.rundir.slots(index)),
+                        "count": layout.count,
+                        "height": layout.height,
+                        "width": layout.width,
+                    },
+                }
+            )
+        return {"default_model": self.settings.default_model, "models": models}
+
+    def state(self) -> State:
+        return State(self.ready, self.draining, self.speedups)
+
+    def on_state(self, listener: Callable[[State], None]) -> None:
+        self._state_listeners.append(listener)
+
+    def _publish(self) -> None:
+        state = self.state()
+        for listener in list(self._state_listeners):
+            listener(state)
+
+    # ---- requests -------------------------------------------------------------------------------
+    def submit(
+        self,
+        conn: int,
+        request_id: int,
+        model: str,
+        tier: str | int,
+        deadline: float,
+        top_k: int,
+        slots: list[int],
+        reply: Reply,
+    ) -> None:
+        """Queue a request's images; ``reply`` is called exactly once with its final answer."""
+        if not self.ready:
+            reply(Reject(request_id, "warming_up", "the service is warming up"))
+            return
+        queue = self._queue_for(model, tier)
+        if isinstance(queue, Reject):
+            reply(Reject(request_id, queue.code, queue.message))
+            return
+        request = _Request(request_id, model, queue.tier, queue, top_k, reply, pending=len(slots))
+        assert self.batcher is not None
+        try:
+            request.jobs = self.batcher.submit(
+                queue, slots, deadline, lambda job, res: self._job_done(conn, request, job, res)
+            )
+        except Draining:
+            reply(Reject(request_id, "draining", "the service is shutting down"))
+            return
+        except QueueFull:
+            reply(
+                Reject(request_id, "queue_full", f"the queue for {model}/{queue.tier} is full; retry later")
+            )
+            return
+        self.requests[(conn, request_id)] = request
+        self._idle.clear()
+
+    def _queue_for(self, model: str, tier: str | int) -> TierQueue | Reject:
+        loaded = self.models.get(model)
+        if loaded is None:
+            return Reject(0, "bad_request", f"unknown model {model!r}")
+        queue = self.queues.get((model, tier))
+        if queue is not None:
+            return queue
+        if isinstance(tier, int) and loaded.spec.allow_raw_r:
+            try:
+                return self._add_queue(model, tier, raw_r_tier(loaded.model, tier))
+            except ValueError as e:
+                return Reject(0, "bad_request", str(e))
+        return Reject(0, "bad_request", f"unknown tier {tier!r} for model {model!r}")
+
+    def cancel(self, conn: int, request_id: int) -> None:
+        """Skip the request's images that have not started; it is answered ``cancelled`` once none runs."""
+        request = self.requests.get((conn, request_id))
+        if request is None or request.cancelled:
+            return
+        request.cancelled = True
+        assert self.batcher is not None
+        request.pending -= self.batcher.abandon(request.queue, request.jobs)
+        if request.pending == 0:
+            self._finish(conn, request)
+
+    def cancel_connection(self, conn: int) -> None:
+        """A front-end went away: nobody will read its answers, so skip whatever has not started."""
+        for c, request_id in [key for key in self.requests if key[0] == conn]:
+            self.cancel(c, request_id)
+
+    def _job_done(self, conn: int, request: _Request, job: Job, result: JobResult | BaseException) -> None:
+        if isinstance(result, BaseException):
+            request.error = request.error or result
+        else:
+            request.results[id(job)] = result
+        request.pending -= 1
+        if request.pending == 0:
+            self._finish(conn, request)
+
+    def _finish(self, conn: int, request: _Request) -> None:
+        del self.requests[(conn, request.id)]
+        request.reply(request.answer())
+        if not self.requests:
+            self._idle.set()
+
+    # ---- shutdown -------------------------------------------------------------------------------
+    def begin_drain(self) -> None:
+        if not self.draining:
+            self.draining = True
+            self._publish()
+
+    async def stop(self) -> None:
+        """Refuse new work, run everything queued, answer every request, stop the device threads."""
+        self.begin_drain()
+        if self.batcher is not None:
+            await self.batcher.close()
+        if self.requests:
+            await self._idle.wait()
+        if self.threads is not None:
+            await asyncio.to_thread(self.threads.shutdown)
+
+    def update_device_memory(self) -> None:
+        for device in {m.device for m in self.models.values() if m.device.type == "cuda"}:
+            self.metrics.device_memory.labels(device=str(device)).set(torch.cuda.memory_allocated(device))

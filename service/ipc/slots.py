@@ -1,0 +1,70 @@
+"""Shared-memory image slots: one file of ``count`` uint8 images ``[H, W, 3]`` per model, mapped by all.
+
+The engine creates the file; every front-end maps it and owns a fixed range of slots (``SlotRange``), so
+no lock is needed across processes: a front-end writes only its own slots, and only while the engine is
+not reading them (a slot is handed over with the request and comes back with the engine's final answer).
+"""
+
+from __future__ import annotations
+
+import mmap
+from collections import deque
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+
+@dataclass(frozen=True)
+class SlotLayout:
+    count: int
+    height: int
+    width: int
+
+    @property
+    def image_bytes(self) -> int:
+        return self.height * self.width * 3
+
+    @property
+    def total_bytes(self) -> int:
+        return self.count * self.image_bytes
+
+
+def create_slot_file(path: Path, layout: SlotLayout) -> None:
+    """Make the zero-filled backing file (sparse in tmpfs until written)."""
+    with path.open("wb") as f:
+        f.truncate(layout.total_bytes)
+
+
+def map_slots(path: Path, layout: SlotLayout) -> np.ndarray:
+    """A writable ``[count, H, W, 3]`` uint8 view of the shared file (it lives as long as the array)."""
+    with path.open("r+b") as f:
+        buffer = mmap.mmap(f.fileno(), layout.total_bytes)
+    return np.frombuffer(buffer, dtype=np.uint8).reshape(layout.count, layout.height, layout.width, 3)
+
+
+class SlotRange:
+    """A front-end's own slots ``[first, first + size)``: all-or-none acquisition, no waiting.
+
+    Used from one event-loop thread only.
+    """
+
+    def __init__(self, first: int, size: int) -> None:
+        self.first, self.size = first, size
+        self._free: deque[int] = deque(range(first, first + size))
+
+    @property
+    def free(self) -> int:
+        return len(self._free)
+
+    def acquire(self, n: int) -> list[int] | None:
+        """``n`` slots, or None when fewer are free (the caller refuses the request)."""
+        if n > len(self._free):
+            return None
+        return [self._free.popleft() for _ in range(n)]
+
+    def release(self, slots: list[int]) -> None:
+        for slot in slots:
+            if not self.first <= slot < self.first + self.size:
+                raise ValueError(f"slot {slot} is not in this range")
+        self._free.extend(slots)

@@ -1,0 +1,1 @@
+"""Processes and their lives: the supervisor, the front-end and engine process entry points, drain."""

@@ -1,0 +1,77 @@
+"""A front-end's life: serve HTTP on the supervisor's listening socket; on SIGTERM drain, then exit.
+
+Front-ends import no torch (it costs ~4 s and ~700 MB per process): HTTP, bodies, decoding and resizing
+need only FastAPI, Pillow and NumPy.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+import socket
+from pathlib import Path
+from types import FrameType
+
+import uvicorn
+
+from ..api.app import create_app
+from ..api.state import Frontend
+from ..ipc.rundir import RunDir
+from ..settings import ServiceSettings
+from .process import configure_child
+
+log = logging.getLogger(__name__)
+
+
+class DrainingServer(uvicorn.Server):
+    """uvicorn whose SIGTERM drains first: /readyz turns 503, new requests get 503 with
+    ``Connection: close``, admitted ones are answered (at most ``drain_timeout_s``), then uvicorn closes
+    the remaining connections (at most ``timeout_graceful_shutdown``). SIGINT is the supervisor's."""
+
+    def __init__(self, config: uvicorn.Config, frontend: Frontend, drain_timeout_s: float) -> None:
+        super().__init__(config)
+        self.frontend = frontend
+        self.drain_timeout_s = drain_timeout_s
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._draining = False
+
+    async def serve(self, sockets: list[socket.socket] | None = None) -> None:
+        self._loop = asyncio.get_running_loop()
+        await super().serve(sockets)
+
+    def handle_exit(self, sig: int, frame: FrameType | None) -> None:
+        if sig == signal.SIGINT:
+            return
+        if not self.started:  # still connecting to the engine: nothing admitted, nothing to drain
+            raise SystemExit(0)
+        if self._draining or self._loop is None:
+            self.should_exit = True
+            self.force_exit = self._draining
+            return
+        self._draining = True
+        self.frontend.draining = True  # at once: the next /readyz and /classify already see it
+        self._loop.call_soon_threadsafe(lambda: self._loop.create_task(self._drain_then_exit()))  # type: ignore[union-attr]
+
+    async def _drain_then_exit(self) -> None:
+        await self.frontend.drain(self.drain_timeout_s)
+        self.should_exit = True
+
+
+def frontend_main(
+    settings: ServiceSettings, run_path: str, frontend_id: int, sock: socket.socket, log_level: str
+) -> None:
+    """Entry point of front-end process ``frontend_id`` (spawned by the supervisor)."""
+    role = f"frontend-{frontend_id}"
+    configure_child(role, log_level)
+    rundir = RunDir(Path(run_path))
+    rundir.register_pid(role)
+    app = create_app(settings, rundir, frontend_id)
+    config = uvicorn.Config(
+        app,
+        log_level=log_level,
+        log_config=None,  # uvicorn's loggers propagate to ours: one format, with the role
+        access_log=False,
+        timeout_graceful_shutdown=settings.server.graceful_shutdown_s,
+    )
+    DrainingServer(config, app.state.frontend, settings.limits.drain_timeout_s).run(sockets=[sock])

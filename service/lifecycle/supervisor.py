@@ -1,0 +1,218 @@
+"""The supervisor: the process ``tome-serve`` starts. It owns no model and serves no request.
+
+1. Validated settings in hand, it creates the run directory and starts the engine, which loads every
+   model and says "loaded" (or why it failed: one line, exit 2) before the port is bound.
+2. It binds the port and starts ``workers`` front-ends on that one listening socket. The engine warms up
+   meanwhile; front-ends answer /readyz 503 until it is ready.
+3. A front-end that dies is started again (the engine skips its unstarted work); the engine dying ends
+   the service (exit 1) after front-ends had a moment to answer 503, so the orchestrator restarts it.
+4. SIGTERM/SIGINT drains: front-ends stop taking work and answer everything admitted, then the engine
+   stops; bounded by the drain timeout plus a few seconds. A second signal ends everything at once.
+"""
+
+from __future__ import annotations
+
+import logging
+import multiprocessing
+import os
+import signal
+import socket
+import sys
+import time
+from multiprocessing.connection import Connection, wait
+from multiprocessing.process import BaseProcess
+from types import FrameType
+
+from prometheus_client import multiprocess as prometheus_multiprocess
+
+from ..ipc.rundir import RunDir
+from ..observability.metrics import MULTIPROC_ENV
+from ..settings import ServiceSettings
+from .frontend_process import frontend_main
+
+log = logging.getLogger("service.supervisor")
+
+ENGINE_STOP_TIMEOUT_S = 30.0
+ENGINE_DEATH_GRACE_S = 1.0
+EXIT_MARGIN_S = 5.0
+RESPAWN_WINDOW_S = 30.0
+MAX_RESPAWNS_IN_WINDOW = 5
+
+
+class StartupError(Exception):
+    """The service cannot start; the message says why in one line."""
+
+
+def available_cores() -> int:
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+def bind(host: str, port: int, backlog: int) -> socket.socket:
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host, port))
+    except OSError as e:
+        sock.close()
+        raise StartupError(f"cannot listen on {host}:{port}: {e.strerror}") from e
+    sock.listen(backlog)
+    sock.set_inheritable(True)
+    return sock
+
+
+class Supervisor:
+    def __init__(self, settings: ServiceSettings, host: str, port: int, log_level: str) -> None:
+        self.settings = settings
+        self.host, self.port = host, port
+        self.log_level = log_level
+        self.workers = settings.server.workers or available_cores()
+        self.ctx = multiprocessing.get_context("spawn")
+        self.rundir: RunDir | None = None
+        self.engine: BaseProcess | None = None
+        self.frontends: dict[int, BaseProcess] = {}
+        self.sock: socket.socket | None = None
+        self._signals: list[int] = []
+        self._respawns: list[float] = []
+
+    # ---- start ----------------------------------------------------------------------------------
+    def run(self) -> int:
+        """Start, supervise until a signal or the engine's death, stop; the process's exit status."""
+        self.rundir = RunDir.create()
+        os.environ[MULTIPROC_ENV] = str(self.rundir.metrics)  # children inherit it before importing anything
+        self.rundir.register_pid("supervisor")
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, self._on_signal)
+        try:
+            try:
+                self._start_engine()
+                self.sock = bind(self.host, self.port, backlog=2048)
+            except StartupError as e:
+                print(f"tome-serve: cannot start: {e}", file=sys.stderr)
+                return 2
+            for i in range(self.workers):
+                self._start_frontend(i)
+            log.info("serving on http://%s:%d with %d front-ends", self.host, self.port, self.workers)
+            return self._supervise()
+        finally:
+            self._stop_all()
+            if self.sock is not None:
+                self.sock.close()
+            self.rundir.remove()
+
+    def _start_engine(self) -> None:
+        # imported here: it pulls in torch, and spawned front-ends re-import this module (they stay light)
+        from .engine_process import engine_main
+
+        assert self.rundir is not None
+        parent, child = self.ctx.Pipe(duplex=False)
+        self.engine = self.ctx.Process(
+            target=engine_main,
+            args=(self.settings, str(self.rundir.path), self.workers, child, self.log_level),
+            name="tome-engine",
+        )
+        self.engine.start()
+        child.close()
+        status, message = self._engine_status(parent)
+        if status != "loaded":
+            self.engine.join(10)
+            raise StartupError(message)
+
+    def _engine_status(self, conn: Connection) -> tuple[str, str]:
+        assert self.engine is not None
+        while not conn.poll(0.2):
+            if not self.engine.is_alive():
+                return "failed", f"the engine process exited with {self.engine.exitcode} while loading"
+            if self._signals:
+                return "failed", "interrupted while loading"
+        try:
+            return conn.recv()
+        except EOFError:
+            return "failed", "the engine process exited while loading"
+
+    def _start_frontend(self, i: int) -> None:
+        assert self.rundir is not None and self.sock is not None
+        process = self.ctx.Process(
+            target=frontend_main,
+            args=(self.settings, str(self.rundir.path), i, self.sock, self.log_level),
+            name=f"tome-frontend-{i}",
+        )
+        process.start()
+        self.frontends[i] = process
+
+    # ---- supervise --------------------------------------------------------------------------------
+    def _on_signal(self, sig: int, frame: FrameType | None) -> None:
+        self._signals.append(sig)
+        if len(self._signals) == 1:  # start the drain now: /readyz turns 503 without waiting for the loop
+            for process in self.frontends.values():
+                if process.is_alive():
+                    process.terminate()
+
+    def _supervise(self) -> int:
+        assert self.engine is not None
+        while True:
+            if self._signals:
+                return self._drain()
+            sentinels = [self.engine.sentinel, *(p.sentinel for p in self.frontends.values())]
+            wait(sentinels, timeout=0.2)
+            if not self.engine.is_alive():
+                log.error("the engine exited with %s: stopping the service", self.engine.exitcode)
+                time.sleep(ENGINE_DEATH_GRACE_S)  # front-ends answer 503 engine_down meanwhile
+                self._stop_frontends(timeout=EXIT_MARGIN_S)
+                return 1
+            for i, process in list(self.frontends.items()):
+                if not process.is_alive() and not self._signals:
+                    if not self._may_respawn():
+                        log.error("front-ends keep exiting: stopping the service")
+                        self._drain()
+                        return 1
+                    log.warning("front-end %d exited with %s: starting it again", i, process.exitcode)
+                    prometheus_multiprocess.mark_process_dead(process.pid)
+                    self._start_frontend(i)
+
+    def _may_respawn(self) -> bool:
+        now = time.monotonic()
+        self._respawns = [t for t in self._respawns if now - t < RESPAWN_WINDOW_S] + [now]
+        return len(self._respawns) <= MAX_RESPAWNS_IN_WINDOW
+
+    # ---- stop -------------------------------------------------------------------------------------
+    def _drain(self) -> int:
+        """Front-ends first (they answer what they admitted), then the engine."""
+        log.info("draining")
+        limits, server = self.settings.limits, self.settings.server
+        self._stop_frontends(timeout=limits.drain_timeout_s + server.graceful_shutdown_s + EXIT_MARGIN_S)
+        self._stop_engine()
+        return 0
+
+    def _stop_frontends(self, timeout: float) -> None:
+        for process in self.frontends.values():
+            if process.is_alive():
+                process.terminate()
+        self._join(list(self.frontends.values()), timeout)
+
+    def _stop_engine(self) -> None:
+        if self.engine is not None and self.engine.is_alive():
+            self.engine.terminate()
+            self._join([self.engine], ENGINE_STOP_TIMEOUT_S)
+
+    def _join(self, processes: list[BaseProcess], timeout: float) -> None:
+        """Wait for ``processes`` (a second signal cuts the wait short), then kill what is left."""
+        deadline = time.monotonic() + timeout
+        signals_before = len(self._signals)
+        for process in processes:
+            while (
+                process.is_alive()
+                and time.monotonic() < deadline
+                and len(self._signals) <= max(signals_before, 1)
+            ):
+                process.join(0.1)
+            if process.is_alive():
+                log.warning("%s did not stop in time: killing it", process.name)
+                process.kill()
+                process.join()
+
+    def _stop_all(self) -> None:
+        for process in [*self.frontends.values(), *([self.engine] if self.engine else [])]:
+            if process.is_alive():
+                process.kill()
+                process.join()

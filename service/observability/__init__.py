@@ -1,0 +1,1 @@
+"""Metrics of every process of the service, aggregated into one ``/metrics``."""

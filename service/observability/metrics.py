@@ -1,0 +1,187 @@
+"""Prometheus metrics: the engine's (queues, batches, tiers, device) and the front-ends' (requests).
+
+Across processes, prometheus_client's multiprocess mode aggregates them: the supervisor sets
+``PROMETHEUS_MULTIPROC_DIR`` before any process starts, every process writes its values there, and any
+front-end's ``/metrics`` reads them all (counters and histograms summed over processes, dead ones too;
+gauges over live processes). Without that variable (tests running engine and app in one process) each
+metrics object registers on the ``registry`` it is given and ``render`` reads that registry.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    PlatformCollector,
+    disable_created_metrics,
+    generate_latest,
+)
+from prometheus_client.multiprocess import MultiProcessCollector
+
+from .processes import ProcessTreeCollector
+
+disable_created_metrics()  # no *_created series: they double the exposition and no dashboard reads them
+
+MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
+LATENCY_BUCKETS = (
+    0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 10.0, 30.0,
+)  # fmt: skip
+BATCH_SIZE_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
+REJECTION_REASONS = (
+    "queue_full",
+    "deadline",
+    "bad_image",
+    "too_large",
+    "unknown_tier",
+    "unknown_model",
+    "bad_request",
+    "draining",
+    "warming_up",
+    "overloaded",
+    "engine_down",
+    "timeout",
+)
+
+
+def multiprocess() -> bool:
+    return bool(os.environ.get(MULTIPROC_ENV))
+
+
+class EngineMetrics:
+    """Written by the engine process."""
+
+    def __init__(self, registry: CollectorRegistry | None) -> None:
+        r = registry
+        self.queue_wait = Histogram(
+            "tome_queue_wait_seconds",
+            "Time an image waited in its queue before its batch started",
+            ["model", "tier"],
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.batch_duration = Histogram(
+            "tome_batch_duration_seconds",
+            "Device time of one batch",
+            ["model", "tier"],
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.batch_size = Histogram(
+            "tome_batch_size", "Images per batch", ["model", "tier"], buckets=BATCH_SIZE_BUCKETS, registry=r
+        )
+        self.images = Counter("tome_images", "Images classified", ["model", "tier"], registry=r)
+        self.queue_depth = Gauge(
+            "tome_queue_depth",
+            "Live images waiting per queue",
+            ["model", "tier"],
+            registry=r,
+            multiprocess_mode="livesum",
+        )
+        self.tier_info = Gauge(
+            "tome_tier_info",
+            "Tier schedule (value is always 1)",
+            ["model", "tier", "schedule"],
+            registry=r,
+            multiprocess_mode="livemax",
+        )
+        self.tier_gflops = Gauge(
+            "tome_tier_gflops",
+            "GFLOPs per image of a tier",
+            ["model", "tier"],
+            registry=r,
+            multiprocess_mode="livemax",
+        )
+        self.tier_speedup = Gauge(
+            "tome_tier_speedup",
+            "Tier speedup over r=0 measured at warm-up on this device",
+            ["model", "tier"],
+            registry=r,
+            multiprocess_mode="livemax",
+        )
+        self.device_memory = Gauge(
+            "tome_device_memory_bytes",
+            "CUDA memory allocated by tensors",
+            ["device"],
+            registry=r,
+            multiprocess_mode="livemax",
+        )
+        self.engine_ready = Gauge(
+            "tome_engine_ready",
+            "1 once every model is loaded and warm",
+            registry=r,
+            multiprocess_mode="livemax",
+        )
+
+    def init_queue(self, model: str, tier: str) -> None:
+        """Export a queue's series at zero from the start (rate() and dashboards need them before traffic)."""
+        labels = {"model": model, "tier": tier}
+        self.queue_depth.labels(**labels).set(0)
+        for histogram in (self.queue_wait, self.batch_duration, self.batch_size):
+            histogram.labels(**labels)
+        self.images.labels(**labels)
+
+
+class FrontendMetrics:
+    """Written by the front-end processes."""
+
+    def __init__(self, registry: CollectorRegistry | None) -> None:
+        r = registry
+        self.requests = Counter(
+            "tome_requests", "Classify requests by HTTP status", ["model", "tier", "status"], registry=r
+        )
+        self.request_duration = Histogram(
+            "tome_request_duration_seconds",
+            "End-to-end latency of answered (200) classify requests",
+            ["model", "tier"],
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.preprocess_duration = Histogram(
+            "tome_preprocess_seconds",
+            "Decode + resize time of one image",
+            ["model"],
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.in_flight = Gauge(
+            "tome_in_flight_requests",
+            "Classify requests admitted and not yet answered",
+            registry=r,
+            multiprocess_mode="livesum",
+        )
+        self.decode_backlog = Gauge(
+            "tome_decode_backlog_images",
+            "Images admitted for decoding and not yet handed to the engine",
+            registry=r,
+            multiprocess_mode="livesum",
+        )
+        self.rejections = Counter("tome_rejections", "Rejected requests or images", ["reason"], registry=r)
+        for reason in REJECTION_REASONS:
+            self.rejections.labels(reason=reason)  # export zeros so rate() works from the start
+
+    def reject(self, reason: str) -> None:
+        self.rejections.labels(reason=reason).inc()
+
+    def init_tier(self, model: str, tier: str) -> None:
+        """Export a tier's request series at zero from the start."""
+        self.requests.labels(model=model, tier=tier, status="200")
+        self.request_duration.labels(model=model, tier=tier)
+        self.preprocess_duration.labels(model=model)
+
+
+def render(registry: CollectorRegistry, process_roles: Callable[[], dict[str, int]]) -> bytes:
+    """The text exposition: every process's values in multiprocess mode, else ``registry``; plus the CPU
+    and memory of every process of the service (``process_roles``: role -> pid)."""
+    if multiprocess():
+        registry = CollectorRegistry()
+        MultiProcessCollector(registry)
+    exposition = generate_latest(registry)
+    extra = CollectorRegistry()
+    PlatformCollector(registry=extra)
+    ProcessTreeCollector(process_roles, registry=extra)
+    return exposition + generate_latest(extra)
