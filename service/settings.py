@@ -145,6 +145,11 @@ class ServerSettings(_Strict):
     graceful_shutdown_s: float = Field(
         5.0, ge=0, description="after the drain, longest wait for open connections before the front-end exits"
     )
+    run_dir: Path | None = Field(
+        None,
+        description="where the processes share their socket and image slots; default /dev/shm (tmpfs) when "
+        "writable, else the temp dir. Needs workers x max_pending_images x 3HW bytes per model",
+    )
 
 
 class ServiceSettings(BaseSettings):

@@ -22,7 +22,7 @@ from ..observability.metrics import EngineMetrics
 from ..settings import ServiceSettings
 from .batcher import Batcher, DeadlineExceeded, Draining, Job, JobResult, QueueFull, TierQueue
 from .labels import class_names
-from .loading import LoadedModel, load_model, resolve_device
+from .loading import LoadedModel, ModelLoadError, load_model, resolve_device
 from .runner import DeviceThreads, ModelRunner
 from .tiers import Tier, max_raw_r, raw_r_tier
 from .warmup import warm_up
@@ -64,6 +64,21 @@ class _Request:
                 )
             )
         return Result(self.id, self.tier, None, images)
+
+
+def check_space(rundir: RunDir, layout: SlotLayout, model: str) -> None:
+    """Refuse to start rather than die of SIGBUS later: tmpfs pages are only allocated when written, and a
+    container's /dev/shm is 64 MB unless it is given more."""
+    free = rundir.free_bytes()
+    if layout.total_bytes > free:
+        need, have = layout.total_bytes / 2**20, free / 2**20
+        raise ModelLoadError(
+            f"model {model!r}: its image slots need {need:.0f} MiB in {rundir.path.parent} ({layout.count} "
+            f"slots = server.workers x server.max_pending_images, of {layout.image_bytes} bytes) but only "
+            f"{have:.0f} MiB are free: give the container more shared memory (docker --shm-size; "
+            "Kubernetes: an emptyDir with medium: Memory on /dev/shm), set server.run_dir, or lower "
+            "server.workers / server.max_pending_images"
+        )
 
 
 def _describe_tier(tier: Tier) -> dict[str, Any]:
@@ -112,6 +127,7 @@ class Engine:
             loaded = load_model(spec, device)
             _, h, w = loaded.input_size
             layout = SlotLayout(slot_count, h, w)
+            check_space(self.rundir, layout, spec.name)
             create_slot_file(self.rundir.slots(index), layout)
             slots = torch.from_numpy(map_slots(self.rundir.slots(index), layout))
             top_k = min(limits.max_top_k, loaded.num_classes)

@@ -22,9 +22,11 @@ class RunDir:
     path: Path
 
     @classmethod
-    def create(cls) -> RunDir:
-        """A fresh directory in tmpfs (``/dev/shm``) where there is one, else the system temp dir."""
-        parent = SHM if SHM.is_dir() and os.access(SHM, os.W_OK) else None
+    def create(cls, parent: Path | None = None) -> RunDir:
+        """A fresh directory under ``parent``; by default in tmpfs (``/dev/shm``) where writable, else the
+        system temp dir."""
+        if parent is None and SHM.is_dir() and os.access(SHM, os.W_OK):
+            parent = SHM
         path = Path(tempfile.mkdtemp(prefix="tome-serve-", dir=parent))
         rundir = cls(path)
         rundir.metrics.mkdir()
@@ -49,6 +51,9 @@ class RunDir:
     def register_pid(self, role: str) -> None:
         """Record this process under ``role`` (engine, frontend-0, ...) for the process-tree metrics."""
         (self.pids / role).write_text(str(os.getpid()))
+
+    def free_bytes(self) -> int:
+        return shutil.disk_usage(self.path).free
 
     def remove(self) -> None:
         shutil.rmtree(self.path, ignore_errors=True)

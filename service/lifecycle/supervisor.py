@@ -13,6 +13,7 @@
 from __future__ import annotations
 
 import logging
+import math
 import multiprocessing
 import os
 import signal
@@ -21,6 +22,7 @@ import sys
 import time
 from multiprocessing.connection import Connection, wait
 from multiprocessing.process import BaseProcess
+from pathlib import Path
 from types import FrameType
 
 from prometheus_client import multiprocess as prometheus_multiprocess
@@ -43,8 +45,30 @@ class StartupError(Exception):
     """The service cannot start; the message says why in one line."""
 
 
+CGROUP_V2_CPU_MAX = Path("/sys/fs/cgroup/cpu.max")
+CGROUP_V1_QUOTA = Path("/sys/fs/cgroup/cpu/cpu.cfs_quota_us")
+CGROUP_V1_PERIOD = Path("/sys/fs/cgroup/cpu/cpu.cfs_period_us")
+
+
 def available_cores() -> int:
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    """CPUs this process may use: its affinity, capped by a container's CPU quota (a pod limited to 4 CPUs
+    on a 64-core node sees 64 in its affinity mask)."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    quota = _cgroup_cpu_quota()
+    return max(1, min(cores, math.ceil(quota))) if quota else cores
+
+
+def _cgroup_cpu_quota() -> float | None:
+    try:
+        if CGROUP_V2_CPU_MAX.is_file():
+            quota, period = CGROUP_V2_CPU_MAX.read_text().split()
+            return None if quota == "max" else int(quota) / int(period)
+        if CGROUP_V1_QUOTA.is_file():
+            quota_us = int(CGROUP_V1_QUOTA.read_text())
+            return None if quota_us <= 0 else quota_us / int(CGROUP_V1_PERIOD.read_text())
+    except (OSError, ValueError):
+        return None
+    return None
 
 
 def bind(host: str, port: int, backlog: int) -> socket.socket:
@@ -78,7 +102,7 @@ class Supervisor:
     # ---- start ----------------------------------------------------------------------------------
     def run(self) -> int:
         """Start, supervise until a signal or the engine's death, stop; the process's exit status."""
-        self.rundir = RunDir.create()
+        self.rundir = RunDir.create(self.settings.server.run_dir)
         os.environ[MULTIPROC_ENV] = str(self.rundir.metrics)  # children inherit it before importing anything
         self.rundir.register_pid("supervisor")
         for sig in (signal.SIGTERM, signal.SIGINT):

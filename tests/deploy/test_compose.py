@@ -81,6 +81,7 @@ def test_service_volumes_config_and_drain(
     assert settings.device == ("cuda" if which == "gpu" else "cpu")
     assert seconds(service["stop_grace_period"]) > settings.limits.drain_timeout_s
     assert service["ports"] == ["${TOME_PORT:-8000}:8000"]
+    assert service["shm_size"] == "1gb", "image slots live in /dev/shm (64 MB by default in a container)"
 
 
 def test_prometheus_scrapes_the_service(compose: dict[str, Any]) -> None:

@@ -107,3 +107,23 @@ def test_autoscaler_targets_the_deployment_on_an_exported_metric(
     for metric in hpa["metrics"]:
         assert metric["type"] == "Pods"
         assert metric["pods"]["metric"]["name"] in service_series
+
+
+def test_shared_memory_for_the_image_slots(
+    docs: dict[str, dict[str, Any]],
+    container: dict[str, Any],
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Front-ends and the engine share slots in /dev/shm; a pod's default there is 64 MB."""
+    volumes = {v["name"]: v for v in docs["Deployment"]["spec"]["template"]["spec"]["volumes"]}
+    mount = next(m for m in container["volumeMounts"] if m["mountPath"] == "/dev/shm")
+    assert volumes[mount["name"]]["emptyDir"]["medium"] == "Memory"
+    config = tmp_path / "config.toml"
+    config.write_text(docs["ConfigMap"]["data"]["config.toml"])
+    monkeypatch.delenv("TOME_CONFIG_FILE", raising=False)
+    settings = load_settings(config)
+    workers = settings.server.workers
+    assert 0 < workers <= int(container["resources"]["requests"]["cpu"]), "one front-end per requested CPU"
+    slots_bytes = workers * settings.server.max_pending_images * 3 * 224 * 224
+    assert slots_bytes < 2**30  # fits the 1Gi emptyDir with room to spare

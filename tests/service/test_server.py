@@ -157,7 +157,9 @@ def test_sigterm_during_load_answers_every_accepted_request(tmp_path: Path) -> N
         proc.send_signal(signal.SIGTERM)
         try:  # while draining: not ready within a probe's second, no new work (or already gone)
             until = time.monotonic() + 1.0
-            while (ready := httpx.get(f"{url}/readyz", timeout=5).status_code) == 200 and time.monotonic() < until:
+            while (ready := httpx.get(f"{url}/readyz", timeout=5).status_code) == 200:
+                if time.monotonic() > until:
+                    break
                 time.sleep(0.01)
             late = _post(url, data, "exact").status_code
         except httpx.TransportError:
