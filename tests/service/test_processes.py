@@ -1,0 +1,191 @@
+"""The service's processes against the real CLI: supervisor, engine and front-ends, and what each one's
+death or overload does to the others."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
+from pathlib import Path
+
+import httpx
+import psutil
+
+from tests.processes import free_port, running
+
+from .conftest import image_bytes, metric_value
+
+REPO = Path(__file__).resolve().parents[2]
+PNG = image_bytes("PNG", size=(90, 70))
+
+
+def _config(tmp_path: Path, body: str) -> Path:
+    path = tmp_path / "server.toml"
+    path.write_text(
+        'device = "cpu"\n[[models]]\nname = "tiny"\ntimm_name = "vit_tiny_patch16_224"\nweights = "random"\n'
+        + body
+    )
+    return path
+
+
+@contextmanager
+def serve(tmp_path: Path, body: str) -> Iterator[tuple[str, subprocess.Popen]]:
+    port = free_port()
+    config = _config(tmp_path, body)
+    cmd = [
+        sys.executable,
+        "-m",
+        "service.cli",
+        "--config",
+        str(config),
+        "--port",
+        str(port),
+        "--log-level",
+        "warning",
+    ]
+    url = f"http://127.0.0.1:{port}"
+    with running(cmd, f"{url}/readyz", tmp_path / "server.log", 120, cwd=REPO) as p:
+        yield url, p
+
+
+def roles(supervisor_pid: int) -> dict[str, int]:
+    """role -> pid, from the run directory the supervisor registered itself in."""
+    for pids in Path("/dev/shm").glob("tome-serve-*/pids"):
+        if (pids / "supervisor").is_file() and int((pids / "supervisor").read_text()) == supervisor_pid:
+            return {p.name: int(p.read_text()) for p in pids.iterdir()}
+    raise AssertionError(f"no run directory of supervisor {supervisor_pid}")
+
+
+def post(url: str, timeout: float = 60, **headers: str) -> httpx.Response:
+    return httpx.post(
+        f"{url}/classify", content=PNG, headers={"content-type": "image/png", **headers}, timeout=timeout
+    )
+
+
+def test_front_ends_import_no_torch() -> None:
+    code = "import sys, service.cli, service.lifecycle.frontend_process; print('torch' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, check=True)
+    assert out.stdout.strip() == "False"
+
+
+def test_killed_front_end_is_replaced_and_the_engine_keeps_serving(tmp_path: Path) -> None:
+    slow = (
+        "model_kwargs = { img_size = 224, depth = 4 }\n[server]\nworkers = 2\n[batching]\nmax_batch_size = 1"
+    )
+    with serve(tmp_path, slow + "\n") as (url, proc):
+        before = roles(proc.pid)
+        with ThreadPoolExecutor(16) as pool:
+            futures = [pool.submit(post, url) for _ in range(32)]
+            time.sleep(0.5)  # requests are queued on both front-ends
+            os.kill(before["frontend-0"], signal.SIGKILL)
+            outcomes = []
+            for f in futures:
+                try:
+                    outcomes.append(f.result().status_code)
+                except httpx.TransportError:
+                    outcomes.append("reset")  # the killed front-end's own clients
+        assert 200 in outcomes, outcomes
+        deadline = time.monotonic() + 30
+        while roles(proc.pid).get("frontend-0") == before["frontend-0"]:
+            assert time.monotonic() < deadline, "the killed front-end was not started again"
+            time.sleep(0.1)
+        after = roles(proc.pid)
+        assert after["engine"] == before["engine"] and psutil.pid_exists(after["engine"])
+        assert psutil.Process(after["frontend-0"]).is_running()
+        deadline = time.monotonic() + 30
+        while httpx.get(f"{url}/readyz").status_code != 200:  # the new front-end finishes starting
+            assert time.monotonic() < deadline
+            time.sleep(0.1)
+        assert all(post(url).status_code == 200 for _ in range(8))
+        assert proc.poll() is None
+
+
+def test_engine_death_fails_requests_fast_and_ends_the_service(tmp_path: Path) -> None:
+    held = (
+        "model_kwargs = { img_size = 64, depth = 2 }\n[server]\nworkers = 1\n[batching]\nmax_wait_ms = 3000"
+    )
+    with serve(tmp_path, held + "\n") as (url, proc):  # every batch waits 3 s to fill: requests are queued
+        engine = roles(proc.pid)["engine"]
+        with ThreadPoolExecutor(8) as pool:
+            futures = [pool.submit(post, url) for _ in range(8)]
+            time.sleep(0.5)
+            killed = time.monotonic()
+            os.kill(engine, signal.SIGKILL)
+            statuses = []
+            for f in futures:
+                try:
+                    r = f.result()
+                    statuses.append(
+                        (r.status_code, r.json()["error"]["code"] if r.status_code != 200 else "")
+                    )
+                except httpx.TransportError:
+                    statuses.append(("closed", ""))
+            answered_within = time.monotonic() - killed
+        try:
+            ready = httpx.get(f"{url}/readyz", timeout=2).status_code
+        except httpx.TransportError:
+            ready = None  # already gone
+        assert proc.wait(20) == 1, "the supervisor ends the service when its engine dies"
+    assert answered_within < 5, "requests waiting on a dead engine must not hang"
+    assert (503, "engine_down") in statuses, statuses
+    assert ready in (503, None)
+
+
+def test_admission_refuses_before_reading_the_body(tmp_path: Path) -> None:
+    """server.max_requests counts requests from the moment they are admitted; past it a request gets
+    503 at once, while its body is still unsent."""
+    body = "model_kwargs = { img_size = 64, depth = 2 }\n[server]\nworkers = 1\nmax_requests = 2\n"
+    with serve(tmp_path, body) as (url, _):
+        port = int(url.rsplit(":", 1)[1])
+        head = (
+            b"POST /classify HTTP/1.1\r\nHost: x\r\nContent-Type: image/png\r\nContent-Length: 100000\r\n\r\n"
+        )
+        holders = []
+        for _ in range(2):  # two uploads that send their headers and a few bytes, then stall
+            s = socket.create_connection(("127.0.0.1", port))
+            s.sendall(head)
+            s.sendall(b"\x89PNG")
+            holders.append(s)
+        time.sleep(0.3)
+        text = httpx.get(f"{url}/metrics").text
+        assert metric_value(text, "tome_in_flight_requests") == 2
+        start = time.monotonic()
+        with socket.create_connection(("127.0.0.1", port)) as s:  # headers only: no body ever comes
+            s.sendall(head)
+            s.settimeout(5)
+            reply = s.recv(4096).decode(errors="replace")
+        assert time.monotonic() - start < 1.0
+        assert reply.startswith("HTTP/1.1 503") and '"overloaded"' in reply and "retry-after" in reply.lower()
+        for s in holders:
+            s.close()
+        deadline = time.monotonic() + 10
+        while post(url).status_code != 200:
+            assert time.monotonic() < deadline
+            time.sleep(0.1)
+
+
+def test_metrics_add_up_across_front_ends(tmp_path: Path) -> None:
+    body = "model_kwargs = { img_size = 64, depth = 2 }\n[server]\nworkers = 2\n"
+    with serve(tmp_path, body) as (url, proc):
+        n = 24
+        for _ in range(n):  # a new connection each: the kernel spreads them over both front-ends
+            assert post(url, timeout=30, connection="close").status_code == 200
+        scrapes = [httpx.get(f"{url}/metrics", headers={"connection": "close"}).text for _ in range(6)]
+        memory = {
+            role: metric_value(scrapes[-1], "tome_process_resident_memory_bytes", {"role": role})
+            for role in roles(proc.pid)
+        }
+    for text in scrapes:  # whichever front-end answered, it reports every process's counts
+        assert metric_value(text, "tome_requests_total", {"status": "200"}) == n
+        assert metric_value(text, "tome_images_total") == n
+    cpu_roles = {"supervisor", "engine", "frontend-0", "frontend-1"}
+    assert {
+        r for r in cpu_roles if metric_value(scrapes[-1], "tome_process_cpu_seconds_total", {"role": r}) > 0
+    } == cpu_roles
+    assert max(memory["frontend-0"], memory["frontend-1"]) < 250 * 2**20 < memory["engine"], memory

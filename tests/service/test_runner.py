@@ -1,0 +1,124 @@
+"""The engine's runner: uint8 slots in, top-k out; padding to buckets; CUDA graphs and the async CUDA path."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+import torch
+
+from service.engine.loading import LoadedModel, load_model
+from service.engine.runner import DeviceThreads, ModelRunner, batch_buckets, bucket_for
+from service.settings import ModelSpec
+
+from .conftest import TINY_MODEL
+
+CUDA = torch.cuda.is_available()
+needs_cuda = pytest.mark.skipif(not CUDA, reason="needs CUDA")
+
+
+def _loaded(device: str = "cpu", **spec: object) -> LoadedModel:
+    torch.manual_seed(0)
+    values = {**TINY_MODEL, "model_kwargs": {"img_size": 64, "depth": 3}, **spec}
+    return load_model(ModelSpec(**values), torch.device(device))
+
+
+def _slots(n: int = 16, seed: int = 0) -> torch.Tensor:
+    return torch.randint(
+        0, 256, (n, 64, 64, 3), dtype=torch.uint8, generator=torch.Generator().manual_seed(seed)
+    )
+
+
+def test_buckets() -> None:
+    assert batch_buckets(8) == [1, 2, 4, 8]
+    assert batch_buckets(12) == [1, 2, 4, 8, 12]
+    assert [bucket_for(n, batch_buckets(12)) for n in (1, 3, 5, 9, 12)] == [1, 4, 8, 12, 12]
+
+
+def test_padding_to_a_bucket_never_changes_a_real_image() -> None:
+    """Rows added to reach a bucket are computed and dropped; no op mixes images, so each real image's
+    logits are those it gets alone (the same kernels up to float summation order)."""
+    loaded = _loaded()
+    slots = _slots()
+    threads = DeviceThreads(loaded.device)
+    padded = ModelRunner(loaded, slots, threads, max_batch_size=8, top_k=5, pad_to_bucket=True)
+    for tier in loaded.tiers.values():
+        for n in (1, 3, 5, 7):
+            x = slots[:n]
+            bucket = bucket_for(n, padded.buckets)
+            filler = torch.zeros((bucket - n, 64, 64, 3), dtype=torch.uint8)
+            with torch.inference_mode():
+                alone = loaded.model(padded.normalize(x), r=tier.r)
+                in_bucket = loaded.model(padded.normalize(torch.cat([x, filler])), r=tier.r)[:n]
+            torch.testing.assert_close(in_bucket, alone, rtol=1e-5, atol=1e-5)
+            assert torch.equal(in_bucket.argmax(-1), alone.argmax(-1))
+            scores, indices = padded.forward(x, tier)
+            assert scores.shape == (n, 5) and torch.equal(indices[:, 0], alone.argmax(-1))
+    threads.shutdown()
+
+
+def test_runner_batch_equals_the_model_on_its_slots() -> None:
+    """runner_for(tier) gathers the slots it is given and returns each image's top-k of softmax(model(x))."""
+    loaded = _loaded()
+    slots = _slots()
+    threads = DeviceThreads(loaded.device)
+    runner = ModelRunner(loaded, slots, threads, max_batch_size=8, top_k=3)
+    tier = loaded.tiers["fast"]
+    out = asyncio.run(runner.runner_for(tier)([9, 2, 14]))
+    with torch.inference_mode():
+        probs = loaded.model(runner.normalize(slots[[9, 2, 14]]), r=tier.r).softmax(-1)
+    scores, indices = probs.topk(3)
+    assert out.indices == indices.tolist()
+    torch.testing.assert_close(torch.tensor(out.scores), scores, rtol=0, atol=1e-6)
+    assert out.inference_s > 0
+    threads.shutdown()
+
+
+@needs_cuda
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+def test_cuda_graph_replay_equals_eager(dtype: str) -> None:
+    loaded = _loaded("cuda", dtype=dtype)
+    threads = DeviceThreads(loaded.device)
+    slots = _slots()
+    graphed = ModelRunner(loaded, slots, threads, max_batch_size=8, top_k=5, cuda_graphs=True)
+    eager = ModelRunner(
+        loaded, slots, threads, max_batch_size=8, top_k=5, cuda_graphs=False, pad_to_bucket=True
+    )
+    assert graphed.graphs is not None
+
+    def compare() -> None:
+        for tier in loaded.tiers.values():
+            for bucket in graphed.buckets:
+                assert graphed.graphs.capture(tier.name, tier.r, bucket, 64, 64), (tier.name, bucket)
+            for n in (1, 3, 8):
+                x = slots[:n].cuda()
+                g_scores, g_indices = graphed.forward(x, tier)
+                e_scores, e_indices = eager.forward(x, tier)
+                torch.testing.assert_close(g_scores, e_scores, rtol=2e-2, atol=2e-3)  # bf16/fp16 tolerance
+                assert (g_indices[:, 0] == e_indices[:, 0]).float().mean() == 1.0
+
+    asyncio.run(threads.call(compare))
+    threads.shutdown()
+
+
+@needs_cuda
+def test_cuda_async_path_returns_what_eager_computes() -> None:
+    """Pinned staging, upload on the engine stream, graph replay, copy back, completion thread."""
+    loaded = _loaded("cuda", dtype="bfloat16")
+    threads = DeviceThreads(loaded.device)
+    slots = _slots()
+    runner = ModelRunner(loaded, slots, threads, max_batch_size=8, top_k=5, pipeline_depth=2)
+    tier = loaded.tiers["fast"]
+
+    async def main() -> None:
+        await threads.call(
+            lambda: [runner.graphs.capture(tier.name, tier.r, b, 64, 64) for b in runner.buckets]
+        )
+        run = runner.runner_for(tier)
+        outs = await asyncio.gather(run([0, 1, 2]), run([3, 4, 5, 6, 7]), run([8]))
+        expected = await threads.call(lambda: runner.forward(slots[:9].cuda(), tier))
+        got = [i for out in outs for i in out.indices]
+        assert [row[0] for row in got] == expected[1][:, 0].tolist()
+
+    asyncio.run(main())
+    threads.shutdown()
