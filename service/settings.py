@@ -114,6 +114,15 @@ class LimitsSettings(_Strict):
     max_image_pixels: int = Field(40_000_000, ge=1, description="width*height, checked from the header")
     deadline_ms: float = Field(10_000, gt=0, description="default per-request deadline")
     decode_workers: int = Field(2, ge=1, description="threads decoding and resizing images, per front-end")
+    heavy_image_pixels: int = Field(
+        4_000_000,
+        ge=1,
+        description="images decoding to more pixels than this (after JPEG draft scaling) are decoded in a "
+        "lane of their own at the lowest CPU priority",
+    )
+    max_heavy_images: int = Field(
+        2, ge=1, description="per front-end: heavy images decoding or waiting; more -> 503"
+    )
     max_top_k: int = Field(
         20, ge=1, description="largest top_k a request may ask for (capped at num_classes)"
     )
@@ -125,6 +134,13 @@ class LimitsSettings(_Strict):
         "false for timm's exact pipeline",
     )
     drain_timeout_s: float = Field(30.0, ge=0, description="longest wait for queued requests at shutdown")
+    header_timeout_s: float = Field(
+        10.0, gt=0, description="a request's headers must arrive within this (408 and closed otherwise)"
+    )
+    body_timeout_s: float = Field(
+        30.0, gt=0, description="a request's whole body must arrive within this once admitted (408 otherwise)"
+    )
+    max_header_bytes: int = Field(16384, ge=1024, description="request line + headers; more is a 431")
 
 
 class ServerSettings(_Strict):

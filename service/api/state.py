@@ -7,7 +7,6 @@ import asyncio
 import contextlib
 import logging
 from collections.abc import Iterator
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -16,6 +15,7 @@ import numpy as np
 from prometheus_client import CollectorRegistry
 
 from ..errors import ServiceError, unavailable
+from ..ingest.lanes import DecodeLanes
 from ..ingest.preprocess import Preprocessor
 from ..ipc.client import EngineClient
 from ..ipc.rundir import RunDir
@@ -69,7 +69,7 @@ class Frontend:
         self.engine = EngineClient(rundir.socket, frontend_id)
         self.models: dict[str, ServedModel] = {}
         self.default_model = ""
-        self.decode_pool: ThreadPoolExecutor | None = None
+        self.decode: DecodeLanes | None = None
         self.in_flight = 0
         self.draining = False
         self._idle = asyncio.Event()
@@ -102,12 +102,12 @@ class Frontend:
             self.models[model.name] = model
             for tier in model.tiers:
                 self.metrics.init_tier(model.name, tier)
-        self.decode_pool = ThreadPoolExecutor(limits.decode_workers, thread_name_prefix="decode")
+        self.decode = DecodeLanes(limits.decode_workers, limits.heavy_image_pixels, limits.max_heavy_images)
 
     async def stop(self) -> None:
         await self.engine.close()
-        if self.decode_pool is not None:
-            self.decode_pool.shutdown(wait=True)
+        if self.decode is not None:
+            self.decode.shutdown()
 
     # ---- admission and drain ----------------------------------------------------------------------
     def check_serving(self) -> None:

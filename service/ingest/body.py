@@ -1,13 +1,15 @@
-"""Read a classify request's images with the body size limit enforced while streaming."""
+"""Read a classify request's images: size limit enforced while streaming, a deadline for the whole body,
+and a client that leaves mid-body is a 499 (not a server error)."""
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
 from starlette.datastructures import UploadFile
 from starlette.formparsers import MultiPartException, MultiPartParser
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 
 from ..errors import ServiceError
 
@@ -42,8 +44,27 @@ async def limited_stream(request: Request, limit: int) -> AsyncIterator[bytes]:
         yield chunk
 
 
-async def read_images(request: Request, max_bytes: int, max_files: int) -> list[ImagePart]:
-    """The images of a request: multipart ``file`` parts (order kept) or one raw image body."""
+async def read_images(request: Request, max_bytes: int, max_files: int, timeout_s: float) -> list[ImagePart]:
+    """The images of a request: multipart ``file`` parts (order kept) or one raw image body.
+
+    The whole body must arrive within ``timeout_s`` (408, connection closed): a slow upload holds an
+    admitted request, and its memory, only that long.
+    """
+    try:
+        async with asyncio.timeout(timeout_s):
+            return await _read_images(request, max_bytes, max_files)
+    except TimeoutError as e:
+        raise ServiceError(
+            408,
+            "timeout",
+            f"the request body did not arrive within {timeout_s:g} s",
+            headers={"Connection": "close"},
+        ) from e
+    except ClientDisconnect as e:
+        raise ServiceError(499, "client_closed", "the client closed the connection while sending") from e
+
+
+async def _read_images(request: Request, max_bytes: int, max_files: int) -> list[ImagePart]:
     content_type = request.headers.get("content-type", "")
     media_type = content_type.split(";", 1)[0].strip().lower()
     if media_type == "multipart/form-data":

@@ -84,8 +84,9 @@ class Preprocessor:
         self.max_pixels = max_pixels
         self.draft_size = _resize_target(data_config) if jpeg_draft else None
 
-    def decode(self, data: bytes) -> Image.Image:
-        """Bytes -> RGB PIL image with EXIF orientation applied; raises ``ServiceError``."""
+    def open(self, data: bytes) -> Image.Image:
+        """Read only the header: format, size, pixel limit; JPEGs set up for draft decoding. The image's
+        ``size`` is then the size it will decode at (its cost); raises ``ServiceError``."""
         if not data:
             raise ServiceError(422, "bad_image", "empty image: the body or file part has no bytes")
         try:
@@ -105,15 +106,23 @@ class Preprocessor:
                 "too_large",
                 f"image is {width}x{height} = {width * height} pixels, over the limit of {self.max_pixels}",
             )
+        if self.draft_size is not None and img.format == "JPEG":
+            # both sides stay >= twice the target: PIL's own reducing_gap=2 (Image.thumbnail)
+            img.draft(img.mode, (2 * self.draft_size, 2 * self.draft_size))
+        return img
+
+    def load(self, img: Image.Image) -> Image.Image:
+        """Decode an opened image: RGB, EXIF orientation applied; raises ``ServiceError``."""
         try:
-            if self.draft_size is not None and img.format == "JPEG":
-                # both sides stay >= twice the target: PIL's own reducing_gap=2 (Image.thumbnail)
-                img.draft(img.mode, (2 * self.draft_size, 2 * self.draft_size))
             img.load()  # first frame only for GIF/animated WebP
             img = ImageOps.exif_transpose(img)
             return _to_rgb(img)
         except (OSError, SyntaxError, ValueError, EOFError) as e:
             raise ServiceError(422, "bad_image", f"corrupt {img.format} image: {e}") from e
+
+    def decode(self, data: bytes) -> Image.Image:
+        """Bytes -> RGB PIL image with EXIF orientation applied; raises ``ServiceError``."""
+        return self.load(self.open(data))
 
     def pixels(self, img: Image.Image) -> np.ndarray:
         """RGB image -> uint8 ``[H, W, 3]`` at the model's input size."""
@@ -128,6 +137,6 @@ class Preprocessor:
         """Bytes -> uint8 ``[H, W, 3]`` ready for a slot; raises ``ServiceError`` for a bad image."""
         return self.pixels(self.decode(data))
 
-    def into(self, data: bytes, out: np.ndarray) -> None:
-        """Decode ``data`` straight into ``out`` (a shared-memory slot)."""
-        out[...] = self(data)
+    def into(self, img: Image.Image, out: np.ndarray) -> None:
+        """Decode an opened image straight into ``out`` (a shared-memory slot)."""
+        out[...] = self.pixels(self.load(img))

@@ -16,6 +16,7 @@ from types import FrameType
 import uvicorn
 
 from ..api.app import create_app
+from ..api.http_guard import guarded_protocol
 from ..api.state import Frontend
 from ..ipc.rundir import RunDir
 from ..settings import ServiceSettings
@@ -67,8 +68,10 @@ def frontend_main(
     rundir = RunDir(Path(run_path))
     rundir.register_pid(role)
     app = create_app(settings, rundir, frontend_id)
+    limits, metrics = settings.limits, app.state.frontend.metrics
     config = uvicorn.Config(
         app,
+        http=guarded_protocol(limits.header_timeout_s, limits.max_header_bytes, metrics.reject),
         log_level=log_level,
         log_config=None,  # uvicorn's loggers propagate to ours: one format, with the role
         access_log=False,

@@ -98,6 +98,7 @@ class Supervisor:
         self.sock: socket.socket | None = None
         self._signals: list[int] = []
         self._respawns: list[float] = []
+        self._terminated: set[int] = set()  # pids sent SIGTERM: a second one would mean "force exit"
 
     # ---- start ----------------------------------------------------------------------------------
     def run(self) -> int:
@@ -139,7 +140,7 @@ class Supervisor:
         child.close()
         status, message = self._engine_status(parent)
         if status != "loaded":
-            self.engine.join(10)
+            self._stop_engine()  # still loading if interrupted: do not wait for it
             raise StartupError(message)
 
     def _engine_status(self, conn: Connection) -> tuple[str, str]:
@@ -168,9 +169,14 @@ class Supervisor:
     def _on_signal(self, sig: int, frame: FrameType | None) -> None:
         self._signals.append(sig)
         if len(self._signals) == 1:  # start the drain now: /readyz turns 503 without waiting for the loop
-            for process in self.frontends.values():
-                if process.is_alive():
-                    process.terminate()
+            self._terminate(list(self.frontends.values()))
+
+    def _terminate(self, processes: list[BaseProcess]) -> None:
+        """SIGTERM each process once."""
+        for process in processes:
+            if process.is_alive() and process.pid not in self._terminated:
+                self._terminated.add(process.pid)  # type: ignore[arg-type]
+                process.terminate()
 
     def _supervise(self) -> int:
         assert self.engine is not None
@@ -209,14 +215,12 @@ class Supervisor:
         return 0
 
     def _stop_frontends(self, timeout: float) -> None:
-        for process in self.frontends.values():
-            if process.is_alive():
-                process.terminate()
+        self._terminate(list(self.frontends.values()))
         self._join(list(self.frontends.values()), timeout)
 
     def _stop_engine(self) -> None:
-        if self.engine is not None and self.engine.is_alive():
-            self.engine.terminate()
+        if self.engine is not None:
+            self._terminate([self.engine])
             self._join([self.engine], ENGINE_STOP_TIMEOUT_S)
 
     def _join(self, processes: list[BaseProcess], timeout: float) -> None:

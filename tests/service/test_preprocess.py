@@ -58,7 +58,7 @@ def test_formats_decode_to_model_input(pre: Preprocessor, fmt: str) -> None:
 def test_into_writes_the_slot(pre: Preprocessor) -> None:
     slots = np.zeros((2, 64, 64, 3), dtype=np.uint8)
     data = image_bytes("PNG")
-    pre.into(data, slots[1])
+    pre.into(pre.open(data), slots[1])
     assert np.array_equal(slots[1], pre(data)) and not slots[0].any()
 
 

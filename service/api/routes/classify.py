@@ -75,16 +75,15 @@ def _refusal(reject: Reject) -> ServiceError:
 async def _decode(
     frontend: Frontend, model: ServedModel, parts: list[ImagePart], slots: list[int]
 ) -> list[ServiceError | None]:
-    """Decode each part into its slot in the decode threads; per image, None or why it was refused."""
-    loop = asyncio.get_running_loop()
+    """Decode each part into its slot (``ingest.lanes`` picks the thread); per image, None or why not."""
     metrics = frontend.metrics
+    assert frontend.decode is not None
 
     async def one(part: ImagePart, slot: int) -> ServiceError | None:
         start = time.perf_counter()
         try:
-            await loop.run_in_executor(
-                frontend.decode_pool, model.preprocessor.into, part.data, model.slots[slot]
-            )
+            img = model.preprocessor.open(part.data)  # header only: cheap, and says which lane
+            await frontend.decode.run(img, model.preprocessor.into, img, model.slots[slot])
         except ServiceError as e:
             return e
         finally:
@@ -168,7 +167,7 @@ async def classify(
         k = resolve_top_k(served, top_k)
         until = deadline(request, frontend)
         limits = frontend.settings.limits
-        parts = await read_images(request, limits.max_body_bytes, limits.max_files)
+        parts = await read_images(request, limits.max_body_bytes, limits.max_files, limits.body_timeout_s)
         slots = served.free.acquire(len(parts))
         if slots is None:
             raise unavailable("overloaded", "too many images decoding or queued on this worker; retry later")

@@ -1,0 +1,115 @@
+"""uvicorn's httptools protocol with the two guards it lacks against slow or hostile clients.
+
+- **Header deadline**: a connection must deliver a request's complete headers within
+  ``header_timeout_s`` of connecting (or of its previous response): 408, connection closed. uvicorn's
+  keep-alive timer stops at the first byte of a request, so a client trickling headers a byte at a
+  time would otherwise hold the connection forever.
+- **Header size**: request line plus headers beyond ``max_header_bytes``: 431, connection closed
+  (httptools itself accepts a 1 MB header line).
+
+Both refusals happen before the app runs, so nothing is admitted or counted in flight; they are
+counted in ``tome_rejections_total`` (``timeout``, ``too_large``) through ``on_refuse``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import Callable
+from typing import Any
+
+from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+
+READ_CHUNK_MARGIN = 256 * 1024  # bytes fed in one read may run past the headers into the body
+
+
+def guarded_protocol(
+    header_timeout_s: float, max_header_bytes: int, on_refuse: Callable[[str], None]
+) -> type[HttpToolsProtocol]:
+    """A protocol class for ``uvicorn.Config(http=...)`` with these limits."""
+
+    class GuardedHttpToolsProtocol(HttpToolsProtocol):
+        def __init__(self, *args: Any, **kwargs: Any) -> None:
+            super().__init__(*args, **kwargs)
+            self._header_timer: asyncio.TimerHandle | None = None
+            self._awaiting_headers = True
+            self._header_bytes = 0
+            self._raw_bytes = 0
+            self._oversized = False
+
+        def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+            super().connection_made(transport)
+            self._expect_headers()
+
+        def connection_lost(self, exc: Exception | None) -> None:
+            self._cancel_header_timer()
+            super().connection_lost(exc)
+
+        def _expect_headers(self) -> None:
+            self._awaiting_headers, self._header_bytes, self._raw_bytes, self._oversized = True, 0, 0, False
+            self._cancel_header_timer()
+            self._header_timer = self.loop.call_later(header_timeout_s, self._headers_too_slow)
+
+        def _cancel_header_timer(self) -> None:
+            if self._header_timer is not None:
+                self._header_timer.cancel()
+                self._header_timer = None
+
+        def _headers_too_slow(self) -> None:
+            if self._awaiting_headers and not self.transport.is_closing():
+                self._refuse(408, "timeout", "request headers did not arrive in time")
+
+        def _refuse(self, status: int, code: str, message: str) -> None:
+            on_refuse(code)
+            body = json.dumps({"error": {"code": code, "message": message}}).encode()
+            reason = {408: b"Request Timeout", 431: b"Request Header Fields Too Large"}[status]
+            self.transport.write(
+                b"HTTP/1.1 %d %s\r\ncontent-type: application/json\r\ncontent-length: %d\r\n"
+                b"connection: close\r\n\r\n%s" % (status, reason, len(body), body)
+            )
+            self.transport.close()
+
+        def data_received(self, data: bytes) -> None:
+            if self._awaiting_headers:
+                self._raw_bytes += len(data)
+                if self._raw_bytes > max_header_bytes + READ_CHUNK_MARGIN:
+                    self._refuse(431, "too_large", f"request headers are over {max_header_bytes} bytes")
+                    return
+            super().data_received(data)
+            if self._oversized and not self.transport.is_closing():
+                self._refuse(431, "too_large", f"request headers are over {max_header_bytes} bytes")
+
+        def on_url(self, url: bytes) -> None:
+            self._header_bytes += len(url)
+            super().on_url(url)
+
+        def on_header(self, name: bytes, value: bytes) -> None:
+            self._header_bytes += len(name) + len(value) + 4
+            if self._header_bytes > max_header_bytes:
+                self._oversized = True
+                return
+            super().on_header(name, value)
+
+        def on_headers_complete(self) -> None:
+            self._awaiting_headers = False
+            self._cancel_header_timer()
+            if self._oversized:
+                return  # data_received answers 431 once the parser returns
+            super().on_headers_complete()
+
+        def on_body(self, body: bytes) -> None:
+            if self._oversized:
+                return
+            super().on_body(body)
+
+        def on_message_complete(self) -> None:
+            if self._oversized:
+                return
+            super().on_message_complete()
+
+        def on_response_complete(self) -> None:
+            super().on_response_complete()
+            if not self.transport.is_closing():
+                self._expect_headers()
+
+    return GuardedHttpToolsProtocol

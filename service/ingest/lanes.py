@@ -1,0 +1,63 @@
+"""Where images are decoded: ordinary ones in a thread pool, heavy ones in a lane of their own.
+
+An image's decode cost is known from its header (its size, after JPEG draft scaling) before any pixel
+is decoded. Ordinary images go to ``threads`` decode threads. An image over ``heavy_pixels`` goes to one
+thread running at the lowest CPU priority Linux has (``SCHED_IDLE``: it runs only on CPU time nobody
+else wants), with at most ``max_heavy`` such images decoding or waiting per front-end; past that, 503.
+So a client flooding 6000x6000 PNGs (0.65 s of CPU each) takes idle CPU, not other clients' cores.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+from PIL import Image
+
+from ..errors import unavailable
+
+log = logging.getLogger(__name__)
+
+
+def _lowest_priority() -> None:
+    """Make the calling thread SCHED_IDLE (Linux), else as nice as possible."""
+    try:
+        if hasattr(os, "SCHED_IDLE"):
+            os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))  # 0: this thread
+        else:
+            os.nice(19)
+    except OSError as e:  # e.g. a seccomp profile that forbids it: heavy images are still bounded
+        log.warning("could not lower the heavy-image decode thread's priority: %s", e)
+
+
+class DecodeLanes:
+    def __init__(self, threads: int, heavy_pixels: int, max_heavy: int) -> None:
+        self.heavy_pixels = heavy_pixels
+        self.max_heavy = max_heavy
+        self.heavy_in_progress = 0
+        self._normal = ThreadPoolExecutor(threads, thread_name_prefix="decode")
+        self._heavy = ThreadPoolExecutor(1, thread_name_prefix="decode-heavy", initializer=_lowest_priority)
+
+    async def run(self, img: Image.Image, fn: Callable[..., Any], *args: Any) -> Any:
+        """Run ``fn(*args)`` in the lane for ``img``'s decoded size; 503 when the heavy lane is full."""
+        loop = asyncio.get_running_loop()
+        width, height = img.size
+        if width * height <= self.heavy_pixels:
+            return await loop.run_in_executor(self._normal, fn, *args)
+        if self.heavy_in_progress >= self.max_heavy:
+            raise unavailable(
+                "overloaded", "too many large images are being decoded on this worker; retry later"
+            )
+        self.heavy_in_progress += 1
+        try:
+            return await loop.run_in_executor(self._heavy, fn, *args)
+        finally:
+            self.heavy_in_progress -= 1
+
+    def shutdown(self) -> None:
+        self._normal.shutdown(wait=True)
+        self._heavy.shutdown(wait=True)

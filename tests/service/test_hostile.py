@@ -1,0 +1,212 @@
+"""Hostile and unlucky clients against the real server (loopback, bounded in count and time): what each
+costs the service, and that everybody else still gets an answer."""
+
+from __future__ import annotations
+
+import io
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
+from pathlib import Path
+
+import httpx
+from PIL import Image
+
+from tests.processes import free_port, running
+
+from .conftest import image_bytes, metric_value
+
+REPO = Path(__file__).resolve().parents[2]
+PNG = image_bytes("PNG", size=(90, 70))
+BASE = """device = "cpu"
+[[models]]
+name = "tiny"
+timm_name = "vit_tiny_patch16_224"
+weights = "random"
+model_kwargs = { img_size = 64, depth = 2 }
+[server]
+workers = 2
+graceful_shutdown_s = 1
+[limits]
+header_timeout_s = 1
+body_timeout_s = 1.5
+drain_timeout_s = 2
+max_body_bytes = 4_000_000
+"""
+
+
+@contextmanager
+def serve(
+    tmp_path: Path, extra: str = "", base: str = BASE
+) -> Iterator[tuple[str, int, subprocess.Popen, Path]]:
+    """The CLI with ``base`` + ``extra`` (more ``[limits]`` keys) as its config."""
+    port = free_port()
+    config = tmp_path / "server.toml"
+    config.write_text(base + extra)
+    log = tmp_path / "server.log"
+    cmd = [
+        sys.executable,
+        "-m",
+        "service.cli",
+        "--config",
+        str(config),
+        "--port",
+        str(port),
+        "--log-level",
+        "info",
+    ]
+    url = f"http://127.0.0.1:{port}"
+    with running(cmd, f"{url}/readyz", log, 120, cwd=REPO) as proc:
+        yield url, port, proc, log
+
+
+def raw(port: int, head: bytes, body: bytes = b"") -> socket.socket:
+    s = socket.create_connection(("127.0.0.1", port))
+    s.sendall(head + body)
+    return s
+
+
+def head(length: int, content_type: str = "image/png", extra: bytes = b"") -> bytes:
+    return b"POST /classify HTTP/1.1\r\nHost: x\r\nContent-Type: %s\r\nContent-Length: %d\r\n%s\r\n" % (
+        content_type.encode(),
+        length,
+        extra,
+    )
+
+
+def reply(s: socket.socket, timeout: float) -> str:
+    s.settimeout(timeout)
+    try:
+        return s.recv(65536).decode(errors="replace")
+    except (TimeoutError, ConnectionResetError):
+        return ""
+
+
+def metrics(url: str) -> str:
+    return httpx.get(f"{url}/metrics").text
+
+
+def still_serving(url: str) -> None:
+    r = httpx.post(f"{url}/classify", content=PNG, headers={"content-type": "image/png"}, timeout=30)
+    assert r.status_code == 200, r.text
+
+
+def test_clients_that_send_half_a_body_and_leave_are_499_not_500(tmp_path: Path) -> None:
+    with serve(tmp_path) as (url, port, _, log):
+        n = 40
+        sockets = [raw(port, head(20_000), PNG[:50]) for _ in range(n)]
+        time.sleep(0.3)  # admitted and reading their bodies
+        for s in sockets:
+            s.close()
+        deadline = time.monotonic() + 10
+        while metric_value(text := metrics(url), "tome_requests_total", {"status": "499"}) < n:
+            assert time.monotonic() < deadline, (
+                f"499s: {metric_value(text, 'tome_requests_total', {'status': '499'})}"
+            )
+            time.sleep(0.1)
+        assert metric_value(text, "tome_requests_total", {"status": "500"}) == 0
+        assert metric_value(text, "tome_in_flight_requests") == 0
+        still_serving(url)
+    assert "Traceback" not in log.read_text()
+
+
+def test_trickling_headers_and_bodies_get_408_and_free_their_admission(tmp_path: Path) -> None:
+    with serve(tmp_path) as (url, port, _, _):
+        header_trickler = raw(port, b"POST /classify HTTP/1.1\r\nHost: x\r\n")  # never finishes its headers
+        body_tricklers = [raw(port, head(100_000), b"\x89PNG") for _ in range(4)]
+        time.sleep(0.3)
+        assert (
+            metric_value(metrics(url), "tome_in_flight_requests") == 4
+        )  # the header trickler is not admitted
+        start = time.monotonic()
+        answers = [reply(s, 5) for s in [header_trickler, *body_tricklers]]
+        waited = time.monotonic() - start
+        assert all(a.startswith("HTTP/1.1 408") for a in answers), answers
+        assert all("connection: close" in a.lower() for a in answers)
+        assert waited < 3.0  # header_timeout_s 1, body_timeout_s 1.5 (+ the time already spent)
+        text = metrics(url)
+        assert metric_value(text, "tome_in_flight_requests") == 0
+        assert metric_value(text, "tome_rejections_total", {"reason": "timeout"}) == 5
+        still_serving(url)
+
+
+def test_stalled_large_uploads_are_cut_off(tmp_path: Path) -> None:
+    """Uploads that send most of a large body and stall hold their memory only until body_timeout_s."""
+    with serve(tmp_path) as (url, port, _, _):
+        sockets = [raw(port, head(3_000_000), b"\0" * 2_800_000) for _ in range(8)]
+        answers = [reply(s, 6) for s in sockets]
+        assert all(a.startswith("HTTP/1.1 408") for a in answers), [a[:40] for a in answers]
+        assert metric_value(metrics(url), "tome_in_flight_requests") == 0
+        still_serving(url)
+
+
+def test_oversized_headers_are_431(tmp_path: Path) -> None:
+    with serve(tmp_path) as (url, port, _, _):
+        big = raw(port, head(len(PNG), extra=b"X-Junk: " + b"a" * 1_000_000 + b"\r\n"), PNG)
+        assert reply(big, 5).startswith("HTTP/1.1 431")
+        cookie = {"cookie": "c" * 8000}  # large but sane headers still pass
+        r = httpx.post(
+            f"{url}/classify", content=PNG, headers={"content-type": "image/png", **cookie}, timeout=30
+        )
+        assert r.status_code == 200
+        assert metric_value(metrics(url), "tome_rejections_total", {"reason": "too_large"}) == 1
+
+
+def test_sigterm_with_slow_uploaders_exits_within_the_drain_timeout(tmp_path: Path) -> None:
+    slow_uploads = BASE.replace("body_timeout_s = 1.5\n", "body_timeout_s = 60\n")  # they would hold on
+    with serve(tmp_path, base=slow_uploads) as (url, port, proc, _):
+        uploaders = [raw(port, head(100_000), b"\x89PNG") for _ in range(6)]
+        time.sleep(0.3)
+        start = time.monotonic()
+        proc.send_signal(signal.SIGTERM)
+        time.sleep(0.2)
+        late = httpx.post(f"{url}/classify", content=PNG, headers={"content-type": "image/png"}, timeout=5)
+        assert late.status_code == 503 and late.headers["connection"] == "close"
+        code = proc.wait(30)
+        took = time.monotonic() - start
+        for s in uploaders:
+            s.close()
+    assert code == 0
+    assert took < 2 + 1 + 5, f"exit took {took:.1f} s (drain 2 s + graceful 1 s + margin)"
+
+
+def test_a_flood_of_huge_images_is_bounded_and_others_are_served(tmp_path: Path) -> None:
+    """6000x6000 PNGs (36 Mpx, ~0.6 s of CPU each) go to the low-priority heavy lane: at most
+    max_heavy_images per front-end at once, the rest 503 at once, and ordinary requests still succeed."""
+    buf = io.BytesIO()
+    Image.new("RGB", (6000, 6000), (120, 30, 200)).save(buf, "PNG")
+    huge = buf.getvalue()
+    extra = "max_image_pixels = 40_000_000\nmax_heavy_images = 1\n"
+    with serve(tmp_path, extra) as (url, _, _, _):
+        until = time.monotonic() + 4
+
+        def flood(_: int) -> list[int]:
+            codes = []
+            while time.monotonic() < until:
+                r = httpx.post(
+                    f"{url}/classify", content=huge, headers={"content-type": "image/png"}, timeout=30
+                )
+                codes.append(r.status_code)
+            return codes
+
+        def ordinary(_: int) -> list[int]:
+            codes = []
+            while time.monotonic() < until:
+                r = httpx.post(
+                    f"{url}/classify", content=PNG, headers={"content-type": "image/png"}, timeout=30
+                )
+                codes.append(r.status_code)
+            return codes
+
+        with ThreadPoolExecutor(8) as pool:
+            floods = [pool.submit(flood, i) for i in range(4)]
+            normals = [pool.submit(ordinary, i) for i in range(4)]
+            flood_codes = [c for f in floods for c in f.result()]
+            normal_codes = [c for f in normals for c in f.result()]
+    assert set(flood_codes) <= {200, 503} and 503 in flood_codes, flood_codes
+    assert normal_codes and set(normal_codes) == {200}
