@@ -6,7 +6,12 @@ bare patched model at the same tier and batch size, in this process with the ser
 ``--duration`` seconds of load from ``--concurrency`` closed-loop clients posting real JPEGs to each
 server in turn. Ratios are taken within a round, so the machine's drift over minutes cancels out.
 
-    python -m service.bench --model vit_small_patch16_224 --device cpu --concurrency 32 --compare-batch1
+    python -m loadtest.service_bench --model vit_small_patch16_224 --device cpu --concurrency 32 \
+        --compare-batch1
+
+The server's CPU per image is the CPU time of its whole process tree (the CLI's process and every
+descendant: supervisor, engine, front-ends) read with psutil before and after each window, not the
+service's own ``process_cpu_seconds_total``, which covers one process.
 """
 
 from __future__ import annotations
@@ -14,9 +19,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import socket
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -27,15 +30,14 @@ import httpx
 import timm
 import torch
 
+from loadtest import proctree
+from loadtest.server import Server
+from loadtest.workload import DEFAULT_IMAGES_DIR
 from models import tome
 from models.timing import time_call
 from models.timm_data import model_data_config
-
-from .preprocess import Preprocessor
-from .tiers import build_tiers
-
-REPO = Path(__file__).resolve().parents[1]
-DEFAULT_IMAGES = REPO.parent / "shared" / "data" / "imagenet-sample"
+from service.preprocess import Preprocessor
+from service.tiers import build_tiers
 
 
 def completion_rate(times: list[float]) -> float:
@@ -65,7 +67,7 @@ class LoadResult:
     completed_at: list[float]  # time.monotonic() of each successful completion inside the window
     mean_batch: float
     client_cpu_s: float  # CPU time of the load generator's thread over the window
-    server_cpu_s: float  # CPU time of the whole server process over the window
+    server_cpu_s: float  # CPU time of the server's whole process tree over the window
 
     @property
     def client_cpu_ms_per_request(self) -> float:
@@ -119,12 +121,6 @@ class TierResult:
         return out
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _config(args: argparse.Namespace, max_batch_size: int) -> str:
     return f"""
 device = "{args.device}"
@@ -143,60 +139,33 @@ decode_workers = {args.decode_workers}
 """
 
 
-class Server:
-    """The CLI in a subprocess, ready once /readyz says so."""
-
-    def __init__(self, config_text: str, workdir: Path) -> None:
-        self.port = _free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        config = workdir / f"bench-{self.port}.toml"
-        config.write_text(config_text)
-        self.log = (workdir / f"server-{self.port}.log").open("w")
-        cmd = [sys.executable, "-m", "service.cli", "--config", str(config), "--port", str(self.port)]
-        self.proc = subprocess.Popen(cmd, cwd=REPO, stdout=self.log, stderr=subprocess.STDOUT)
-
-    def wait_ready(self, timeout: float = 600) -> None:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"server exited with {self.proc.returncode}; see {self.log.name}")
-            try:
-                if httpx.get(f"{self.url}/readyz", timeout=1).status_code == 200:
-                    return
-            except httpx.TransportError:
-                pass
-            time.sleep(0.2)
-        raise TimeoutError("server not ready")
-
-    def stop(self) -> None:
-        self.proc.terminate()
-        self.proc.wait(60)
-        self.log.close()
-
-
-def _server_stats(metrics_text: str, tier: str) -> tuple[float, float, float]:
-    """(sum, count) of the tier's ``tome_batch_size`` and the server's ``process_cpu_seconds_total``."""
+def _batch_stats(metrics_text: str, tier: str) -> tuple[float, float]:
+    """(sum, count) of the tier's ``tome_batch_size``."""
     from prometheus_client.parser import text_string_to_metric_families
 
-    total = count = cpu = 0.0
+    total = count = 0.0
     for family in text_string_to_metric_families(metrics_text):
         for s in family.samples:
-            if s.name == "process_cpu_seconds_total":
-                cpu = s.value
             if s.labels.get("tier") == tier and s.name == "tome_batch_size_sum":
                 total = s.value
             if s.labels.get("tier") == tier and s.name == "tome_batch_size_count":
                 count = s.value
-    return total, count, cpu
+    return total, count
 
 
 async def _drive(
-    url: str, tier: str, max_bs: int, images: list[bytes], concurrency: int, warmup: float, duration: float
+    server: Server,
+    tier: str,
+    max_bs: int,
+    images: list[bytes],
+    concurrency: int,
+    warmup: float,
+    duration: float,
 ) -> LoadResult:
     """Closed-loop load; counts only requests that complete inside the measured window.
 
-    The mean batch size and the server's CPU seconds come from its /metrics; the load generator's CPU
-    seconds are this thread's over the window.
+    The mean batch size comes from the server's /metrics; its CPU seconds from its process tree (psutil,
+    at the window's edges); the load generator's CPU seconds are this thread's over the window.
     ``/metrics`` is read through its own connection: the load client's pool is saturated, and waiting
     for a free connection there would silently shorten the window.
     """
@@ -205,6 +174,7 @@ async def _drive(
     errors = 0
     window: tuple[float, float] | None = None  # (start, end) in time.monotonic()
     stop_at = time.monotonic() + warmup + duration
+    url = server.url
     limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
     async with (
         httpx.AsyncClient(base_url=url, timeout=120, limits=limits) as client,
@@ -233,16 +203,19 @@ async def _drive(
 
         tasks = [asyncio.create_task(worker(k)) for k in range(concurrency)]
         await asyncio.sleep(warmup)
-        before = _server_stats((await metrics_client.get("/metrics")).text, tier)
+        before = _batch_stats((await metrics_client.get("/metrics")).text, tier)
+        tree_before = proctree.cpu_snapshot(server.pid)
         window = (time.monotonic(), stop_at)
         cpu_start = time.thread_time()
         await asyncio.sleep(max(0.0, stop_at - time.monotonic()))
         client_cpu = time.thread_time() - cpu_start
-        after = _server_stats((await metrics_client.get("/metrics")).text, tier)
+        tree_after = proctree.cpu_snapshot(server.pid)
+        after = _batch_stats((await metrics_client.get("/metrics")).text, tier)
         await asyncio.gather(*tasks)
     batches = after[1] - before[1]
     mean_batch = (after[0] - before[0]) / batches if batches else 0.0
-    seconds, server_cpu = window[1] - window[0], after[2] - before[2]
+    seconds = window[1] - window[0]
+    server_cpu = proctree.cpu_delta(tree_before, tree_after).total_s
     return LoadResult(
         tier,
         max_bs,
@@ -258,10 +231,10 @@ async def _drive(
 
 
 def load_window(
-    args: argparse.Namespace, url: str, tier: str, max_bs: int, images: list[bytes]
+    args: argparse.Namespace, server: Server, tier: str, max_bs: int, images: list[bytes]
 ) -> LoadResult:
-    """One window of closed-loop load on the server at ``url``."""
-    return asyncio.run(_drive(url, tier, max_bs, images, args.concurrency, args.warmup, args.duration))
+    """One window of closed-loop load on ``server``."""
+    return asyncio.run(_drive(server, tier, max_bs, images, args.concurrency, args.warmup, args.duration))
 
 
 def measure_tier(
@@ -276,7 +249,7 @@ def measure_tier(
         bare_ips, bare_cpu_ms = bare.measure(args.bare_seconds)
         loads = {}
         for max_bs, server in servers.items():
-            loads[max_bs] = load_window(args, server.url, tier, max_bs, images)
+            loads[max_bs] = load_window(args, server, tier, max_bs, images)
         rounds.append(Round(bare_ips, bare_cpu_ms, loads))
         print(
             f"  round {k + 1}: bare bs={max(servers)} {bare_ips:6.1f} img/s "
@@ -385,7 +358,7 @@ def _as_json(results: list[TierResult]) -> list[dict]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(prog="loadtest.service_bench", description=__doc__.splitlines()[0])
     p.add_argument("--model", default="vit_small_patch16_224")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--dtype", default="float16")
@@ -399,7 +372,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--warmup", type=float, default=2, help="unmeasured seconds of load before each window")
     p.add_argument("--bare-seconds", type=float, default=3, help="seconds of bare-model timing per round")
     p.add_argument("--compare-batch1", action="store_true", help="also load a max_batch_size=1 server")
-    p.add_argument("--images", type=Path, default=DEFAULT_IMAGES)
+    p.add_argument("--images", type=Path, default=DEFAULT_IMAGES_DIR)
     p.add_argument("--json", type=Path, help="write every round's figures here")
     p.add_argument("--preprocess-only", action="store_true", help="only time preprocessing, then stop")
     args = p.parse_args(argv)

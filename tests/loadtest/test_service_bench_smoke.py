@@ -1,4 +1,5 @@
-"""``python -m service.bench`` end to end, in miniature: two real servers, interleaved rounds, JSON out."""
+"""``python -m loadtest.service_bench`` end to end, in miniature: two real servers, interleaved rounds,
+JSON out."""
 
 from __future__ import annotations
 
@@ -19,7 +20,8 @@ def test_service_bench_runs_rounds_against_batched_and_batch1_servers(tmp_path: 
         (images / src.name).symlink_to(src)
     out = tmp_path / "bench.json"
     cmd = [
-        *(sys.executable, "-m", "service.bench", "--model", "vit_tiny_patch16_224", "--device", "cpu"),
+        *(sys.executable, "-m", "loadtest.service_bench"),
+        *("--model", "vit_tiny_patch16_224", "--device", "cpu"),
         *("--tiers", "fast", "--rounds", "2", "--duration", "1.5", "--warmup", "0.5"),
         *("--bare-seconds", "0.3"),
         *("--max-batch-size", "4", "--concurrency", "8", "--compare-batch1"),

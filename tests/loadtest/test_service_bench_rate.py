@@ -2,7 +2,7 @@
 
 import pytest
 
-from service.bench import completion_rate
+from loadtest.service_bench import completion_rate
 
 
 @pytest.mark.parametrize("phase", [0.0, 0.3, 0.6, 0.9, 1.05])
