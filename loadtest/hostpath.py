@@ -442,13 +442,17 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         args.gil_seconds = args.duration
     if not isinstance(args.model_kwargs, dict):
         p.error("--model-kwargs must be a JSON object")
-    if shutil.which(args.ab) is None:
-        p.error(f"ApacheBench not found ({args.ab}); Debian: apt-get install apache2-utils")
     return args
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    if shutil.which(args.ab) is None:
+        print(
+            f"loadtest.hostpath: ApacheBench not found ({args.ab}); apt-get install apache2-utils",
+            file=sys.stderr,
+        )
+        return 2
     with tempfile.TemporaryDirectory(prefix="hostpath-") as tmp:
         report = measure(args, Path(tmp))
     print()

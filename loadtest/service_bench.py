@@ -357,7 +357,7 @@ def _as_json(results: list[TierResult]) -> list[dict]:
     ]
 
 
-def main(argv: list[str] | None = None) -> int:
+def parse_args(argv: list[str] | None) -> tuple[argparse.ArgumentParser, argparse.Namespace]:
     p = argparse.ArgumentParser(prog="loadtest.service_bench", description=__doc__.splitlines()[0])
     p.add_argument("--model", default="vit_small_patch16_224")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -375,7 +375,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--images", type=Path, default=DEFAULT_IMAGES_DIR)
     p.add_argument("--json", type=Path, help="write every round's figures here")
     p.add_argument("--preprocess-only", action="store_true", help="only time preprocessing, then stop")
-    args = p.parse_args(argv)
+    return p, p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p, args = parse_args(argv)
 
     images = [f.read_bytes() for f in sorted(args.images.glob("*.JPEG"))]
     if not images:
