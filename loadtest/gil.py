@@ -134,20 +134,24 @@ def start_recording(py_spy: str, pid: int, rate: int, seconds: int, out: Path) -
     return Recording(proc, out, rate, seconds)
 
 
-def thread_names(py_spy: str, pid: int, timeout: float = 30) -> dict[int, str]:
+def thread_names(py_spy: str, pid: int, timeout: float = 30, attempts: int = 5) -> dict[int, str]:
     """OS thread id -> Python thread name of every Python thread of ``pid`` (``py-spy dump --json``);
-    empty when the process is not Python or cannot be read."""
+    empty when the process is not Python or cannot be read. A non-blocking dump of a busy process
+    fails now and then (a torn read), so it is tried a few times."""
     cmd = [py_spy, "dump", "--json", "--nonblocking", "--pid", str(pid)]
-    try:
-        result = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, check=False)
-        threads = json.loads(result.stdout) if result.returncode == 0 else []
-    except (subprocess.TimeoutExpired, json.JSONDecodeError):
-        return {}
-    return {
-        t["os_thread_id"]: t.get("thread_name") or f"thread {t['os_thread_id']}"
-        for t in threads
-        if t.get("os_thread_id") is not None
-    }
+    for _ in range(attempts):
+        try:
+            result = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, check=False)
+            threads = json.loads(result.stdout) if result.returncode == 0 else None
+        except (subprocess.TimeoutExpired, json.JSONDecodeError):
+            threads = None
+        if threads:
+            return {
+                t["os_thread_id"]: t.get("thread_name") or f"thread {t['os_thread_id']}"
+                for t in threads
+                if t.get("os_thread_id") is not None
+            }
+    return {}
 
 
 def can_profile(py_spy: str, pid: int) -> str | None:

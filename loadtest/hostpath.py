@@ -392,12 +392,21 @@ def format_report(r: HostPathReport) -> str:
             f"{_fmt(p.main_thread_cpu_ms_per_request):>12} {gil_text:>14} {_fmt(main_gil, 3):>12}"
         )
     for p in r.processes:
-        named = [t for t in p.threads if t.name != "native"]
-        native = [t for t in p.threads if t.name == "native"]
-        parts = [f"{t.name} {_fmt(t.cpu_ms_per_request)}/{_fmt(t.gil_ms_per_request, 3)}" for t in named]
+        shown = [t for t in p.threads if t.name != "native" or t.gil_ms_per_request is not None]
+        native = [t for t in p.threads if t not in shown]
+        parts = [
+            f"{t.name if t.name != 'native' else f'tid {t.tid}'} "
+            f"{_fmt(t.cpu_ms_per_request)}/{_fmt(t.gil_ms_per_request, 3)}"
+            for t in shown
+        ]
         if native:
-            parts.append(f"{len(native)} native threads {sum(t.cpu_ms_per_request for t in native):.2f}/-")
+            parts.append(f"{len(native)} other threads {sum(t.cpu_ms_per_request for t in native):.2f}/-")
         lines.append(f"  pid {p.pid} threads (CPU/GIL ms per request): " + "; ".join(parts))
+        if p.gil:
+            lines.append(
+                f"  pid {p.pid} GIL: {p.gil.ticks} py-spy ticks ({p.gil.errors} unreadable: upper bound "
+                f"{p.gil.upper_ms:.3f} ms/request) at {p.gil.requests_per_s:.1f} req/s"
+            )
         if p.gil_skipped:
             lines.append(f"  pid {p.pid}: no GIL figures: {p.gil_skipped}")
     lines.append("")
