@@ -36,6 +36,7 @@ import json
 import math
 import re
 import subprocess
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -154,15 +155,22 @@ def thread_names(py_spy: str, pid: int, timeout: float = 30, attempts: int = 5) 
     return {}
 
 
-def can_profile(py_spy: str, pid: int) -> str | None:
-    """None if py-spy can read ``pid``, else why not (missing binary, no ptrace permission, ...)."""
+def can_profile(py_spy: str, pid: int, attempts: int = 5) -> str | None:
+    """None if py-spy can read ``pid``, else why not (missing binary, no ptrace permission, ...).
+    Tried a few times: a non-blocking read of a busy (or just started) interpreter can fail once."""
     cmd = [py_spy, "dump", "--nonblocking", "--pid", str(pid)]
-    try:
-        result = subprocess.run(cmd, capture_output=True, text=True, timeout=30, check=False)
-    except FileNotFoundError:
-        return f"{py_spy} not found"
-    except subprocess.TimeoutExpired:
-        return "py-spy dump timed out"
-    if result.returncode != 0:
-        return f"py-spy cannot read pid {pid}: {(result.stderr or result.stdout).strip()[-300:]}"
-    return None
+    reason = ""
+    for attempt in range(attempts):
+        if attempt:
+            time.sleep(0.5)
+        try:
+            result = subprocess.run(cmd, capture_output=True, text=True, timeout=30, check=False)
+        except FileNotFoundError:
+            return f"{py_spy} not found"
+        except subprocess.TimeoutExpired:
+            reason = "py-spy dump timed out"
+            continue
+        if result.returncode == 0:
+            return None
+        reason = f"py-spy cannot read pid {pid}: {(result.stderr or result.stdout).strip()[-300:]}"
+    return reason

@@ -417,6 +417,17 @@ def format_report(r: HostPathReport) -> str:
     return "\n".join(lines)
 
 
+def finite(obj: Any) -> Any:
+    """``obj`` with NaN (a figure with nothing to divide by) as None, so the JSON is standard."""
+    if isinstance(obj, float) and obj != obj:
+        return None
+    if isinstance(obj, dict):
+        return {k: finite(v) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [finite(v) for v in obj]
+    return obj
+
+
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="loadtest.hostpath", description=__doc__.splitlines()[0])
     p.add_argument("--concurrency", "-c", type=int, default=32, help="ab's concurrent requests")
@@ -468,7 +479,7 @@ def main(argv: list[str] | None = None) -> int:
     print(format_report(report))
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(asdict(report), indent=2))
+        args.json.write_text(json.dumps(finite(asdict(report)), indent=2))
     return 0
 
 

@@ -58,7 +58,7 @@ class Plan:
     top_k: int = 5
     model: str | None = None
     timeout: float = 30.0
-    max_connections: int = 1000
+    max_connections: int = 0  # 0: as many as the open-file limit allows
     validate: bool = True
     seed: int = 0
 
@@ -68,6 +68,7 @@ class Meta:
     """A generator process's own account of its run."""
 
     count: int = 0
+    max_connections: int = 0  # the pool size used
     cpu_s: float = 0.0
     wall_s: float = 0.0
     waited_for_connection: int = 0  # requests that found every connection busy when they ran
@@ -191,19 +192,29 @@ class Sender:
             self.meta.errors[key] = self.meta.errors.get(key, 0) + 1
 
 
-def raise_fd_limit(wanted: int) -> None:
-    """Room for ``wanted`` sockets: the soft limit up to the hard one."""
+FD_RESERVE = 256  # open files kept for everything but the pool's sockets
+FD_CEILING = 65_536  # when the hard limit is unlimited
+
+
+def connection_budget(wanted: int) -> int:
+    """Raise the open-file limit as far as allowed and return the pool size it leaves room for:
+    ``wanted``, or (0) as many as fit."""
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    target = wanted if hard == resource.RLIM_INFINITY else min(wanted, hard)
+    ceiling = FD_CEILING if hard == resource.RLIM_INFINITY else hard
+    target = ceiling if wanted <= 0 else min(wanted + FD_RESERVE, ceiling)
     if soft != resource.RLIM_INFINITY and soft < target:
         resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+        soft = target
+    room = (ceiling if soft == resource.RLIM_INFINITY else soft) - FD_RESERVE
+    return max(1, room if wanted <= 0 else min(wanted, room))
 
 
 def main(argv: list[str]) -> int:
     plan_path, out_prefix = Path(argv[0]), Path(argv[1])
     plan = Plan(**json.loads(plan_path.read_text()))
-    raise_fd_limit(plan.max_connections + 64)
+    plan.max_connections = connection_budget(plan.max_connections)
     sender = Sender(plan)
+    sender.meta.max_connections = plan.max_connections
     print("ready", flush=True)
     start = float(sys.stdin.readline())
     sender.run(start)

@@ -48,8 +48,11 @@ def tools_or_skip() -> str:
             "ApacheBench (ab) is not installed: scripts/install-test-deps.sh installs apache2-utils as root"
         )
     py_spy = default_py_spy()
-    probe = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"])
+    probe = subprocess.Popen(
+        [sys.executable, "-c", "import time; print('up', flush=True); time.sleep(30)"], stdout=subprocess.PIPE
+    )
     try:
+        assert probe.stdout is not None and probe.stdout.readline() == b"up\n"  # the interpreter is running
         reason = gil.can_profile(py_spy, probe.pid)
     finally:
         probe.kill()
