@@ -474,7 +474,11 @@ def main(argv: list[str] | None = None) -> int:
         )
         return 2
     with tempfile.TemporaryDirectory(prefix="hostpath-") as tmp:
-        report = measure(args, Path(tmp))
+        try:
+            report = measure(args, Path(tmp))
+        except (RuntimeError, TimeoutError) as e:  # the server did not start, or a tool failed
+            print(f"loadtest.hostpath: {e}", file=sys.stderr)
+            return 1
     print()
     print(format_report(report))
     if args.json:
