@@ -1,8 +1,10 @@
 """Locust users that POST real images to tome-serve's /classify with a weighted tier mix.
 
-    locust -f loadtest/locustfile.py --host http://127.0.0.1:8000 \
+    locust -f loadtest/locustfile.py --host http://127.0.0.1:8000 --processes 4 \
         --tiers fast=3,exact=1 --images-per-request 1 --images-dir ../shared/data/imagenet-sample
 
+The users are ``FastHttpUser`` (geventhttpclient: several times less CPU per request than requests'
+HttpUser), and ``--processes N`` forks N load-generating workers, so one machine can saturate a GPU host.
 Each tier's requests are reported as ``/classify [<tier>]``. A non-2xx status (other than 503), a body
 that is not JSON, or a response of the wrong shape is a failure. A 503 (queue full, warming up,
 draining: the service's backpressure) is reported apart, as request type ``REJECTED``.
@@ -17,8 +19,9 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from locust import HttpUser, constant, events, task
+from locust import FastHttpUser, constant, events, task
 from locust.env import Environment
+from locust.runners import WorkerRunner
 
 # `locust -f loadtest/locustfile.py` puts only loadtest/ on sys.path; the package needs the repo root.
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -65,18 +68,21 @@ def _on_init(environment: Environment, **_: Any) -> None:
     )
     setattr(environment, WORKLOAD_ATTR, workload)
     log.info("load test: tiers %s, %d images from %s", workload.tiers, len(images), source)
-    if opts.summary_json:
+    if opts.summary_json and not isinstance(environment.runner, WorkerRunner):
 
         @events.quit.add_listener
         def _write_summary(**_: Any) -> None:
-            """At exit, when the stats are final (locust's CSV can lag the end by ~1 s)."""
+            """At exit, when the stats are final (locust's CSV can lag the end by ~1 s). Only the master
+            (or a lone process) writes: with --processes a worker's stats are its unsent remainder."""
             Path(opts.summary_json).write_text(json.dumps(final_stats(environment.stats), indent=2))
 
 
-class ClassifyUser(HttpUser):
+class ClassifyUser(FastHttpUser):
     """A closed-loop client: sends the next request as soon as the previous one is answered."""
 
     wait_time = constant(0)
+    network_timeout = 60.0  # an answer slower than this is a failure (status 0), not a hang
+    connection_timeout = 60.0
 
     def on_start(self) -> None:
         workload = getattr(self.environment, WORKLOAD_ATTR, None)

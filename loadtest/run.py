@@ -1,7 +1,7 @@
 """Headless load test: run locust against a tome-serve, write its CSV and HTML, print a per-tier summary.
 
     .venv/bin/python -m loadtest.run --host http://127.0.0.1:8000 --users 8 --spawn-rate 8 \
-        --duration 30s --tiers fast=1,exact=1 --out out/loadtest
+        --duration 30s --tiers fast=1,exact=1 --processes 1 --out out/loadtest
 
 Per tier: requests, requests/s, images/s, p50/p95/p99 latency, failure and rejection (503) rates;
 then the service's own batch-size distribution over the run, read from its /metrics before and after.
@@ -26,6 +26,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--host", default="http://127.0.0.1:8000", help="service base URL")
     p.add_argument("--users", "-u", type=int, default=8, help="concurrent closed-loop users")
     p.add_argument("--spawn-rate", "-r", type=float, default=8.0, help="users started per second")
+    p.add_argument(
+        "--processes",
+        type=int,
+        default=1,
+        help="locust processes generating load (forked workers under a master; -1: one per core)",
+    )
     p.add_argument("--duration", "-t", default="30s", help="run time, e.g. 20s, 2m")
     p.add_argument("--tiers", default="balanced=1", help="tier mix, e.g. fast=3,exact=1")
     p.add_argument("--images-per-request", type=int, default=1)
@@ -39,6 +45,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 
 def locust_command(args: argparse.Namespace, prefix: Path) -> list[str]:
+    processes = [] if args.processes == 1 else ["--processes", str(args.processes)]
     return [
         sys.executable, "-m", "locust",
         "-f", str(LOCUSTFILE),
@@ -58,6 +65,7 @@ def locust_command(args: argparse.Namespace, prefix: Path) -> list[str]:
         "--top-k", str(args.top_k),
         "--model", args.model,
         "--summary-json", str(prefix) + "_summary.json",
+        *processes,
     ]  # fmt: skip
 
 
@@ -74,8 +82,8 @@ def main(argv: list[str] | None = None) -> int:
     after = batch_sizes(fetch_metrics(args.host))
     tiers = read_summary(Path(str(prefix) + "_summary.json"))
     print()
-    print(f"tome-serve load test: {args.users} users, {args.duration}, tiers {args.tiers}, "
-          f"{args.images_per_request} image(s)/request, host {args.host}")  # fmt: skip
+    print(f"tome-serve load test: {args.users} users, {args.processes} locust process(es), {args.duration}, "
+          f"tiers {args.tiers}, {args.images_per_request} image(s)/request, host {args.host}")  # fmt: skip
     print(format_summary(tiers, args.images_per_request, batch_sizes_delta(before, after)))
     print(f"\nlocust CSV: {prefix}_stats.csv   HTML report: {prefix}_report.html")
     return 0

@@ -118,3 +118,21 @@ def test_failures_and_rejections_are_counted_apart(stub_server: str, tmp_path: P
     assert "asked for tier 'fastest'" in messages["/classify [fastest]"]
     assert "HTTP 500" in messages["/classify [broken]"]
     assert not any(name in messages for name in ("/classify [exact]", "/classify [fast]"))
+
+
+def test_several_locust_processes_report_their_summed_figures(stub_server: str, tmp_path: Path) -> None:
+    """With --processes the master writes the summary from every worker's stats; a worker must not
+    overwrite it at exit with what it had not sent yet."""
+    result = run_loadtest(
+        stub_server,
+        tmp_path,
+        *("--users", "4", "--spawn-rate", "4", "--duration", "3s", "--top-k", "2", "--processes", "2"),
+        *("--tiers", "exact=1,fast=1"),
+    )
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
+    assert "2 locust process(es)" in result.stdout
+    summary = json.loads((tmp_path / "locust_summary.json").read_text())
+    tiers = read_summary(tmp_path / "locust_summary.json")
+    assert set(tiers) == {"exact", "fast"}, summary
+    exact, fast = tiers["exact"], tiers["fast"]
+    assert exact.requests > 20 and exact.failures == 0 and fast.rejections > 20, summary
