@@ -28,7 +28,7 @@ def test_config_has_the_near_free_model_and_workers_only_when_asked() -> None:
     assert model["model_kwargs"] == {"img_size": 32, "depth": 1}
 
     four = tomllib.loads(config_text("m", {"flag": True, "name": 'a "b"', "x": 0.5}, "cuda:1", 4))
-    assert four["workers"] == 4 and four["device"] == "cuda:1"
+    assert four["server"]["workers"] == 4 and four["device"] == "cuda:1"
     assert four["models"][0]["model_kwargs"] == {"flag": True, "name": 'a "b"', "x": 0.5}
 
 
@@ -82,14 +82,19 @@ def test_short_run_against_the_real_server(tmp_path: Path) -> None:
     assert "workers" not in r["config"]["config_toml"] and "img_size = 32" in r["config"]["config_toml"]
 
     procs = r["processes"]
-    root = procs[0]
-    assert root["depth"] == 0 and r["device_owner_pid"] in {p["pid"] for p in procs}
+    by_role = {p["role"]: p for p in procs}
+    assert procs[0]["depth"] == 0 and by_role["supervisor"] is procs[0]
+    owner = by_role["engine"]
+    assert r["device_owner_pid"] == owner["pid"] and owner["loads_torch"]
+    front_ends = [p for role, p in by_role.items() if role.startswith("frontend-")]
+    assert front_ends and not any(p["loads_torch"] for p in front_ends)
     tree_ms = sum(p["cpu_ms_per_request"] for p in procs)
     assert r["server_cpu_ms_per_image"] == pytest.approx(tree_ms), "per image is the tree's sum"
-    assert 0 < root["main_thread_cpu_ms_per_request"] <= root["cpu_ms_per_request"]
-    assert "MainThread" in {t["name"] for t in root["threads"]}
+    busiest = max(front_ends, key=lambda p: p["main_thread_cpu_ms_per_request"] or 0)
+    assert 0 < busiest["main_thread_cpu_ms_per_request"] <= busiest["cpu_ms_per_request"]
+    assert "MainThread" in {t["name"] for t in busiest["threads"]}
 
-    held = root["gil"]
+    held = owner["gil"]
     assert held is not None, root["gil_skipped"]
     assert held["ticks"] > 0 and held["requests_per_s"] > 0
     assert 0 < held["main_thread_ms_per_request"] <= held["ms_per_request"] <= held["upper_ms"]
