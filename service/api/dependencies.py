@@ -13,7 +13,8 @@ from .state import Frontend, ServedModel
 DEADLINE_HEADER = "X-Deadline-Ms"
 
 
-def get_frontend(request: Request) -> Frontend:
+async def get_frontend(request: Request) -> Frontend:
+    """``async`` on purpose: FastAPI runs a plain ``def`` dependency in a worker thread."""
     return request.app.state.frontend
 
 

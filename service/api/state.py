@@ -22,6 +22,7 @@ from ..ipc.rundir import RunDir
 from ..ipc.slots import SlotLayout, SlotRange, map_slots
 from ..observability.metrics import FrontendMetrics, multiprocess
 from ..settings import ServiceSettings
+from .request_ids import RequestIds
 
 log = logging.getLogger(__name__)
 
@@ -70,6 +71,7 @@ class Frontend:
         self.models: dict[str, ServedModel] = {}
         self.default_model = ""
         self.decode: DecodeLanes | None = None
+        self.new_request_id = RequestIds()
         self.in_flight = 0
         self.draining = False
         self._idle = asyncio.Event()

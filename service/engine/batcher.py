@@ -19,7 +19,7 @@ from collections import deque
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 
-from ..observability.metrics import EngineMetrics
+from ..observability.metrics import EngineMetrics, QueueMetrics
 
 log = logging.getLogger(__name__)
 
@@ -76,6 +76,7 @@ class TierQueue:
     model: str
     tier: str
     run: RunBatch
+    metrics: QueueMetrics
     jobs: deque[Job] = field(default_factory=deque)
     live: int = 0  # jobs neither started nor abandoned
 
@@ -103,9 +104,8 @@ class Batcher:
         self._task: asyncio.Task[None] | None = None
 
     def add_queue(self, model: str, tier: str, run: RunBatch) -> TierQueue:
-        queue = TierQueue(model, tier, run)
+        queue = TierQueue(model, tier, run, self.metrics.for_queue(model, tier))
         self.queues.append(queue)
-        self.metrics.init_queue(model, tier)
         return queue
 
     def start(self) -> None:
@@ -155,7 +155,7 @@ class Batcher:
         return len(waiting)
 
     def _set_depth(self, queue: TierQueue) -> None:
-        self.metrics.queue_depth.labels(model=queue.model, tier=queue.tier).set(queue.live)
+        queue.metrics.depth.set(queue.live)
 
     @staticmethod
     def _prune_head(queue: TierQueue) -> None:
@@ -218,11 +218,11 @@ class Batcher:
             task.add_done_callback(self._in_flight.discard)
 
     async def _execute(self, queue: TierQueue, jobs: list[Job]) -> None:
-        labels = {"model": queue.model, "tier": queue.tier}
+        series = queue.metrics
         start = time.monotonic()
         try:
             for job in jobs:
-                self.metrics.queue_wait.labels(**labels).observe(start - job.enqueued)
+                series.wait.observe(start - job.enqueued)
             try:
                 out = await queue.run([job.slot for job in jobs])
             except Exception as e:
@@ -230,9 +230,9 @@ class Batcher:
                 for job in jobs:
                     job.done(job, e)
                 return
-            self.metrics.batch_duration.labels(**labels).observe(out.inference_s)
-            self.metrics.batch_size.labels(**labels).observe(len(jobs))
-            self.metrics.images.labels(**labels).inc(len(jobs))
+            series.batch_duration.observe(out.inference_s)
+            series.batch_size.observe(len(jobs))
+            series.images.inc(len(jobs))
             for i, job in enumerate(jobs):
                 queue_s = start - job.enqueued
                 job.done(job, JobResult(out.indices[i], out.scores[i], queue_s, out.inference_s, len(jobs)))

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable
+from dataclasses import dataclass
 
 from prometheus_client import (
     CollectorRegistry,
@@ -117,13 +118,28 @@ class EngineMetrics:
             multiprocess_mode="livemax",
         )
 
-    def init_queue(self, model: str, tier: str) -> None:
-        """Export a queue's series at zero from the start (rate() and dashboards need them before traffic)."""
+    def for_queue(self, model: str, tier: str) -> QueueMetrics:
+        """One queue's series, resolved once (``labels()`` costs a lookup and a lock per call) and exported
+        at zero from the start (rate() and dashboards need them before traffic)."""
         labels = {"model": model, "tier": tier}
-        self.queue_depth.labels(**labels).set(0)
-        for histogram in (self.queue_wait, self.batch_duration, self.batch_size):
-            histogram.labels(**labels)
-        self.images.labels(**labels)
+        series = QueueMetrics(
+            self.queue_depth.labels(**labels),
+            self.queue_wait.labels(**labels),
+            self.batch_duration.labels(**labels),
+            self.batch_size.labels(**labels),
+            self.images.labels(**labels),
+        )
+        series.depth.set(0)
+        return series
+
+
+@dataclass(frozen=True)
+class QueueMetrics:
+    depth: Gauge
+    wait: Histogram
+    batch_duration: Histogram
+    batch_size: Histogram
+    images: Counter
 
 
 class FrontendMetrics:
