@@ -152,8 +152,15 @@ def test_multi_gpu_override_one_replica_per_gpu(
     servers, max_body = nginx_upstream(conf)
     assert servers == [f"{name}:8000" for name in replicas], "the load balancer must list every replica"
     assert "listen 8080;" in conf and lb["ports"] == ["${TOME_LB_PORT:-8080}:8080"]
-    assert "http_503" in conf and "non_idempotent" in conf, "a full queue on one replica retries another"
+    retry = re.search(r"proxy_next_upstream\s+([^;]+);", conf)
+    assert retry and retry[1].split() == ["http_503", "non_idempotent"], (
+        "only a 503 (no work done) retries a POST on another replica; error/timeout could run it twice"
+    )
     assert max_body >= load_settings(config_of(base, monkeypatch)).limits.max_body_bytes
+    body_buffer = re.search(r"client_body_buffer_size\s+(\d+)m;", conf)
+    assert body_buffer and int(body_buffer[1]) * 2**20 >= max_body, (
+        "bodies buffered in memory, not temp files"
+    )
 
     prom = REPO_ROOT / mounts(multi["services"]["prometheus"])["/etc/prometheus/prometheus.yml"]
     job = next(j for j in yaml.safe_load(prom.read_text())["scrape_configs"] if j["job_name"] == "tome-serve")
