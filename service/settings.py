@@ -106,6 +106,11 @@ class BatchingSettings(_Strict):
         le=4,
         description="CUDA only: batches in flight on the device (the next is staged while one runs)",
     )
+    batch_timeout_s: float = Field(
+        120.0,
+        gt=0,
+        description="a batch running longer ends the engine (the service restarts): a hung device",
+    )
 
 
 class LimitsSettings(_Strict):
@@ -195,6 +200,20 @@ class ServiceSettings(BaseSettings):
         if len(set(names)) != len(names):
             raise ValueError(f"model names must be unique, got {names}")
         return models
+
+    @model_validator(mode="after")
+    def _check_admission(self) -> ServiceSettings:
+        """A request with max_files images must be admissible at all."""
+        files = self.limits.max_files
+        for name, bound in (
+            ("server.max_pending_images", self.server.max_pending_images),
+            ("batching.max_queue_size", self.batching.max_queue_size),
+        ):
+            if files > bound:
+                raise ValueError(
+                    f"limits.max_files ({files}) is over {name} ({bound}): such a request could never run"
+                )
+        return self
 
     @model_validator(mode="after")
     def _check_default(self) -> ServiceSettings:

@@ -20,6 +20,7 @@ from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 
 from ..observability.metrics import EngineMetrics, QueueMetrics
+from .faults import Fatal, FatalDeviceError, Watchdog
 
 log = logging.getLogger(__name__)
 
@@ -91,7 +92,11 @@ class Batcher:
         max_queue_size: int,
         pipeline_depth: int,
         metrics: EngineMetrics,
+        fatal: Fatal,
+        batch_timeout_s: float = 120.0,
     ) -> None:
+        self.fatal = fatal
+        self.watchdog = Watchdog(batch_timeout_s, fatal)
         self.max_batch_size = max_batch_size
         self.max_wait_s = max_wait_s
         self.max_queue_size = max_queue_size
@@ -110,6 +115,13 @@ class Batcher:
 
     def start(self) -> None:
         self._task = asyncio.get_running_loop().create_task(self._loop(), name="batcher")
+        self._task.add_done_callback(self._loop_ended)
+
+    def _loop_ended(self, task: asyncio.Task[None]) -> None:
+        if self._closing and not task.cancelled() and task.exception() is None:
+            return
+        reason = "cancelled" if task.cancelled() else repr(task.exception())
+        self.fatal(f"the batcher's loop ended while serving: {reason}")
 
     @property
     def idle(self) -> bool:
@@ -124,6 +136,7 @@ class Batcher:
             await self._task
         if self._in_flight:
             await asyncio.wait(self._in_flight)
+        self.watchdog.stop()
 
     def submit(
         self,
@@ -223,13 +236,18 @@ class Batcher:
         try:
             for job in jobs:
                 series.wait.observe(start - job.enqueued)
+            token = self.watchdog.begin(f"of {len(jobs)} on {queue.model}/{queue.tier}")
             try:
                 out = await queue.run([job.slot for job in jobs])
             except Exception as e:
                 log.exception("batch of %d failed on %s %s", len(jobs), queue.model, queue.tier)
                 for job in jobs:
                     job.done(job, e)
+                if isinstance(e, FatalDeviceError):
+                    self.fatal(f"device error: {e}")
                 return
+            finally:
+                self.watchdog.end(token)
             series.batch_duration.observe(out.inference_s)
             series.batch_size.observe(len(jobs))
             series.images.inc(len(jobs))

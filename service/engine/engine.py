@@ -21,6 +21,7 @@ from ..ipc.slots import SlotLayout, create_slot_file, map_slots
 from ..observability.metrics import EngineMetrics
 from ..settings import ServiceSettings
 from .batcher import Batcher, DeadlineExceeded, Draining, Job, JobResult, QueueFull, TierQueue
+from .faults import Fatal
 from .labels import class_names
 from .loading import LoadedModel, ModelLoadError, load_model, resolve_device
 from .runner import DeviceThreads, ModelRunner
@@ -95,9 +96,10 @@ class Engine:
     """What one engine owns. ``workers`` front-ends each get ``max_pending_images`` slots per model."""
 
     def __init__(
-        self, settings: ServiceSettings, rundir: RunDir, metrics: EngineMetrics, workers: int
+        self, settings: ServiceSettings, rundir: RunDir, metrics: EngineMetrics, workers: int, fatal: Fatal
     ) -> None:
         self.settings = settings
+        self.fatal = fatal
         self.rundir = rundir
         self.metrics = metrics
         self.workers = workers
@@ -147,7 +149,15 @@ class Engine:
         """Build the batcher and queues, warm up every tier and bucket (on the device thread), then serve."""
         b = self.settings.batching
         depth = b.pipeline_depth if self.threads is not None and self.threads.device.type == "cuda" else 1
-        self.batcher = Batcher(b.max_batch_size, b.max_wait_ms / 1000, b.max_queue_size, depth, self.metrics)
+        self.batcher = Batcher(
+            b.max_batch_size,
+            b.max_wait_ms / 1000,
+            b.max_queue_size,
+            depth,
+            self.metrics,
+            self.fatal,
+            b.batch_timeout_s,
+        )
         for name, loaded in self.models.items():
             for tier in loaded.tiers.values():
                 self._add_queue(name, tier.name, tier)

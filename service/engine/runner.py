@@ -25,6 +25,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 import torch
 
 from .batcher import BatchOutput, RunBatch
+from .faults import FatalDeviceError, is_fatal
 from .graphs import GraphCache
 from .loading import LoadedModel
 from .normalize import Normalize
@@ -137,10 +138,15 @@ class ModelRunner:
     # ---- batches ----------------------------------------------------------------------------------
     def runner_for(self, tier: Tier) -> RunBatch:
         async def run(slots: Sequence[int]) -> BatchOutput:
-            if not self.cuda:
-                return await self.threads.call(lambda: self._run_cpu(slots, tier))  # type: ignore[return-value]
-            done: Future[BatchOutput] = await self.threads.call(lambda: self._launch_cuda(slots, tier))  # type: ignore[assignment]
-            return await asyncio.wrap_future(done)
+            try:
+                if not self.cuda:
+                    return await self.threads.call(lambda: self._run_cpu(slots, tier))  # type: ignore[return-value]
+                done: Future[BatchOutput] = await self.threads.call(lambda: self._launch_cuda(slots, tier))  # type: ignore[assignment]
+                return await asyncio.wrap_future(done)
+            except Exception as e:
+                if is_fatal(e):
+                    raise FatalDeviceError(str(e)) from e
+                raise
 
         return run
 

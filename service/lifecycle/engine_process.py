@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import signal
 import sys
 import threading
@@ -21,6 +22,7 @@ from prometheus_client import CollectorRegistry
 
 from ..engine.connections import EngineServer
 from ..engine.engine import Engine
+from ..engine.faults import Fatal
 from ..engine.loading import ModelLoadError
 from ..ipc.rundir import RunDir
 from ..observability.metrics import EngineMetrics
@@ -30,6 +32,7 @@ from .process import configure_child
 log = logging.getLogger(__name__)
 
 DEVICE_MEMORY_INTERVAL_S = 5.0
+EXIT_FATAL = 3
 
 
 async def serve_engine(engine: Engine, stop: asyncio.Event, listening: threading.Event | None = None) -> None:
@@ -61,6 +64,14 @@ async def _watch_device_memory(engine: Engine) -> None:
         await asyncio.sleep(DEVICE_MEMORY_INTERVAL_S)
 
 
+def die(reason: str) -> None:
+    """The engine's ``Fatal``: nothing in this process can be trusted to finish, so exit at once (the
+    supervisor sees it and ends the service; front-ends answer 503 engine_down meanwhile)."""
+    log.critical("ending the engine: %s", reason)
+    logging.shutdown()
+    os._exit(EXIT_FATAL)
+
+
 def engine_main(
     settings: ServiceSettings, run_path: str, workers: int, status: Connection, log_level: str
 ) -> None:
@@ -68,7 +79,7 @@ def engine_main(
     configure_child("engine", log_level)
     rundir = RunDir(Path(run_path))
     rundir.register_pid("engine")
-    engine = Engine(settings, rundir, EngineMetrics(registry=None), workers)
+    engine = Engine(settings, rundir, EngineMetrics(registry=None), workers, die)
     try:
         engine.load()
     except ModelLoadError as e:
@@ -103,9 +114,17 @@ class EngineThread:
     """The engine in a background thread of this process (tests): same sockets, slots and protocol."""
 
     def __init__(
-        self, settings: ServiceSettings, rundir: RunDir, registry: CollectorRegistry, workers: int = 1
+        self,
+        settings: ServiceSettings,
+        rundir: RunDir,
+        registry: CollectorRegistry,
+        workers: int = 1,
+        fatal: Fatal | None = None,
     ) -> None:
-        self.engine = Engine(settings, rundir, EngineMetrics(registry), workers)
+        self.fatal_reasons: list[str] = []  # what the engine would have died of, by default
+        self.engine = Engine(
+            settings, rundir, EngineMetrics(registry), workers, fatal or self.fatal_reasons.append
+        )
         self._loop: asyncio.AbstractEventLoop | None = None
         self._stop: asyncio.Event | None = None
         self._listening = threading.Event()
@@ -117,7 +136,9 @@ class EngineThread:
         self.engine.load()
         self._thread.start()
         if not self._listening.wait(timeout):
-            raise RuntimeError(f"engine not listening after {timeout} s: {self._error!r}")
+            raise RuntimeError(f"engine not listening after {timeout} s")
+        if self._error is not None:
+            raise RuntimeError("the engine thread failed to start") from self._error
 
     def _main(self) -> None:
         async def run() -> None:

@@ -95,7 +95,7 @@ def test_short_run_against_the_real_server(tmp_path: Path) -> None:
     assert "MainThread" in {t["name"] for t in busiest["threads"]}
 
     held = owner["gil"]
-    assert held is not None, root["gil_skipped"]
+    assert held is not None, owner["gil_skipped"]
     assert held["ticks"] > 0 and held["requests_per_s"] > 0
     assert 0 < held["main_thread_ms_per_request"] <= held["ms_per_request"] <= held["upper_ms"]
     # The GIL is held by at most one thread at a time: at most 1 s per second of window.

@@ -59,6 +59,7 @@ class ServiceClient(TestClient):
     """A TestClient on a front-end app, with the in-process ``engine`` it talks to."""
 
     engine: Engine
+    fatal_reasons: list[str]  # what the engine would have ended its process for
 
 
 @contextmanager
@@ -71,6 +72,7 @@ def in_process_service(settings: ServiceSettings) -> Iterator[ServiceClient]:
         engine.start()
         with ServiceClient(create_app(settings, rundir, 0, registry)) as client:
             client.engine = engine.engine
+            client.fatal_reasons = engine.fatal_reasons
             deadline = time.monotonic() + 120
             while client.get("/readyz").status_code != 200:  # warming up, as a real client would see
                 assert time.monotonic() < deadline, "the in-process service never became ready"

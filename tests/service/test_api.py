@@ -268,6 +268,22 @@ def test_failed_batch_is_a_json_500_and_service_recovers(make_client, monkeypatc
     assert r.status_code == 500 and r.json()["error"]["code"] == "internal"
     monkeypatch.setattr(type(model), "forward", real)
     assert_still_serving(c)
+    assert c.fatal_reasons == []  # an ordinary failure: only that batch
+
+
+def test_sticky_device_error_fails_the_request_and_ends_the_engine(make_client, monkeypatch) -> None:
+    """A CUDA error other than out-of-memory leaves the context unusable: the request gets a 500 and the
+    engine ends (in production its process exits and the supervisor ends the service)."""
+    c = make_client()
+    model = c.engine.models["tiny"].model
+
+    def sticky(self, x, r=0):
+        raise RuntimeError("CUDA error: an illegal memory access was encountered")
+
+    monkeypatch.setattr(type(model), "forward", sticky)
+    r = classify(c)
+    assert r.status_code == 500 and r.json()["error"]["code"] == "internal"
+    assert c.fatal_reasons and "illegal memory access" in c.fatal_reasons[0]
 
 
 def test_deadline_passing_in_queue_is_504_and_never_runs(make_client) -> None:

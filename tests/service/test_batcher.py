@@ -20,6 +20,7 @@ from service.engine.batcher import (
     JobResult,
     QueueFull,
 )
+from service.engine.faults import FatalDeviceError, is_fatal
 from service.observability.metrics import EngineMetrics
 
 FAR = 1e12
@@ -62,8 +63,16 @@ class Results:
         await asyncio.wait_for(until(), timeout)
 
 
-def make(max_batch: int = 4, wait_ms: float = 1000, queue: int = 16, depth: int = 1) -> Batcher:
-    return Batcher(max_batch, wait_ms / 1000, queue, depth, EngineMetrics(CollectorRegistry()))
+def make(
+    max_batch: int = 4, wait_ms: float = 1000, queue: int = 16, depth: int = 1, timeout_s: float = 60
+) -> Batcher:
+    """A batcher whose ``fatal`` records its reasons in ``batcher.fatal_reasons``."""
+    reasons: list[str] = []
+    b = Batcher(
+        max_batch, wait_ms / 1000, queue, depth, EngineMetrics(CollectorRegistry()), reasons.append, timeout_s
+    )
+    b.fatal_reasons = reasons  # type: ignore[attr-defined]
+    return b
 
 
 def test_batch_closes_when_full_before_max_wait() -> None:
@@ -209,3 +218,82 @@ def test_failed_batch_fails_its_jobs_only() -> None:
         await b.close()
 
     asyncio.run(main())
+
+
+def test_a_device_error_fails_its_batch_and_ends_the_engine() -> None:
+    async def main() -> None:
+        async def broken(slots: Sequence[int]) -> BatchOutput:
+            raise FatalDeviceError("CUDA error: an illegal memory access was encountered")
+
+        b, done = make(max_batch=2, wait_ms=0), Results()
+        q = b.add_queue("m", "t", broken)
+        b.start()
+        b.submit(q, [0], FAR, done)
+        await done.wait(1)
+        assert isinstance(done.by_slot[0], FatalDeviceError)
+        assert b.fatal_reasons and "illegal memory access" in b.fatal_reasons[0]
+        await b.close()
+
+    asyncio.run(main())
+
+
+def test_an_ordinary_batch_failure_does_not_end_the_engine() -> None:
+    """Out of memory, a bad input: that batch fails (500), the engine serves on."""
+
+    async def main() -> None:
+        async def oom(slots: Sequence[int]) -> BatchOutput:
+            raise RuntimeError("out of memory")
+
+        b, done = make(max_batch=2, wait_ms=0), Results()
+        q = b.add_queue("m", "t", oom)
+        b.start()
+        b.submit(q, [0], FAR, done)
+        await done.wait(1)
+        assert isinstance(done.by_slot[0], RuntimeError) and b.fatal_reasons == []
+        await b.close()
+
+    asyncio.run(main())
+
+
+def test_a_batch_that_hangs_ends_the_engine() -> None:
+    async def main() -> None:
+        gate = threading.Event()
+        b, done = make(max_batch=1, wait_ms=0, timeout_s=0.3), Results()
+        q = b.add_queue("m", "t", Recorder("t", [], gate))
+        b.start()
+        b.submit(q, [0], FAR, done)
+        deadline = time.monotonic() + 5
+        while not b.fatal_reasons:
+            assert time.monotonic() < deadline, "the watchdog never fired"
+            await asyncio.sleep(0.05)
+        assert "batch_timeout_s" in b.fatal_reasons[0]
+        gate.set()
+        await b.close()
+
+    asyncio.run(main())
+
+
+def test_the_batcher_loop_dying_ends_the_engine() -> None:
+    async def main() -> None:
+        b = make()
+        b.add_queue("m", "t", Recorder("t", []))
+
+        def broken_pick(now: float) -> tuple:
+            raise KeyError("bug")
+
+        b._pick = broken_pick  # type: ignore[method-assign]
+        b.start()
+        await asyncio.sleep(0.05)
+        assert b.fatal_reasons and "KeyError" in b.fatal_reasons[0]
+
+    asyncio.run(main())
+
+
+def test_which_errors_are_fatal() -> None:
+    import torch
+
+    assert is_fatal(RuntimeError("CUDA error: an illegal memory access was encountered"))
+    assert is_fatal(RuntimeError("CUBLAS_STATUS_EXECUTION_FAILED when calling cublasGemmEx"))
+    assert not is_fatal(torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB"))
+    assert not is_fatal(RuntimeError("shape mismatch"))
+    assert not is_fatal(ValueError("CUDA error"))

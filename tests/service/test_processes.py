@@ -189,3 +189,35 @@ def test_metrics_add_up_across_front_ends(tmp_path: Path) -> None:
         r for r in cpu_roles if metric_value(scrapes[-1], "tome_process_cpu_seconds_total", {"role": r}) > 0
     } == cpu_roles
     assert max(memory["frontend-0"], memory["frontend-1"]) < 250 * 2**20 < memory["engine"], memory
+
+
+def test_the_port_opens_while_warming_up_and_says_so(tmp_path: Path) -> None:
+    """The engine warms up (several seconds here) after the port is bound: until it is warm, /healthz is
+    200 (alive), /readyz is 503 "starting" and classify is 503 warming_up with Retry-After."""
+    model = "model_kwargs = { img_size = 224, depth = 4 }\n"
+    body = model + "[server]\nworkers = 1\n[batching]\nmax_batch_size = 32\n"
+    port = free_port()
+    config = _config(tmp_path, body)
+    cmd = [
+        sys.executable,
+        "-m",
+        "service.cli",
+        "--config",
+        str(config),
+        "--port",
+        str(port),
+        "--log-level",
+        "warning",
+    ]
+    url = f"http://127.0.0.1:{port}"
+    with running(cmd, f"{url}/healthz", tmp_path / "server.log", 120, cwd=REPO):
+        ready = httpx.get(f"{url}/readyz")
+        early = post(url)
+        assert ready.status_code == 503 and ready.json() == {"status": "starting"}
+        assert early.status_code == 503 and early.json()["error"]["code"] == "warming_up"
+        assert early.headers["retry-after"]
+        deadline = time.monotonic() + 120
+        while httpx.get(f"{url}/readyz").status_code != 200:
+            assert time.monotonic() < deadline
+            time.sleep(0.2)
+        assert post(url).status_code == 200

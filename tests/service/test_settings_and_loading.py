@@ -231,3 +231,13 @@ def test_cuda_device_that_is_not_there_is_a_load_error() -> None:
     count = torch.cuda.device_count() if torch.cuda.is_available() else 0
     with pytest.raises(ModelLoadError, match="cuda:7" if count else "CUDA is not available"):
         resolve_device(f"cuda:{max(count, 7)}" if count else "cuda:7")
+
+
+@pytest.mark.parametrize(
+    "over",
+    [{"server": {"max_pending_images": 4}}, {"batching": {"max_queue_size": 4}}],
+    ids=["slots", "queue"],
+)
+def test_max_files_must_be_admissible(over: dict) -> None:
+    with pytest.raises(ValidationError, match="could never run"):
+        load_settings(None, models=[TINY_MODEL], limits={"max_files": 8}, **over)
