@@ -148,6 +148,20 @@ class LimitsSettings(_Strict):
     max_header_bytes: int = Field(16384, ge=1024, description="request line + headers; more is a 431")
 
 
+class FidelitySettings(_Strict):
+    """The production fidelity monitor (service/engine/shadow.py)."""
+
+    sample_rate: float = Field(
+        0.02, ge=0, le=1, description="fraction of images served at a merging tier re-run at r=0 when idle"
+    )
+    queue_size: int = Field(
+        64, ge=1, description="shadow images waiting per model; more are dropped (counted)"
+    )
+    batch_size: int = Field(
+        4, ge=1, description="shadow images per idle-time batch (bounds the delay it adds)"
+    )
+
+
 class ServerSettings(_Strict):
     """The processes: front-ends (HTTP, body, decode) in front of one engine process (models, device)."""
 
@@ -185,6 +199,7 @@ class ServiceSettings(BaseSettings):
     server: ServerSettings = Field(default_factory=ServerSettings)
     batching: BatchingSettings = Field(default_factory=BatchingSettings)
     limits: LimitsSettings = Field(default_factory=LimitsSettings)
+    fidelity: FidelitySettings = Field(default_factory=FidelitySettings)
 
     @field_validator("device")
     @classmethod

@@ -17,13 +17,31 @@ def test_parse_schedule_forms() -> None:
 
 def test_bench_json(capsys: pytest.CaptureFixture[str]) -> None:
     bench.main(
-        ["--model", "vit_tiny_patch16_224", "--img-size", "64", "--batch-size", "2", "--device", "cpu",
-         "--schedules", "0,2,3:-1", "--warmup", "1", "--runs", "2", "--json"]
+        [
+            "--model",
+            "vit_tiny_patch16_224",
+            "--img-size",
+            "64",
+            "--batch-size",
+            "2",
+            "--device",
+            "cpu",
+            "--schedules",
+            "0,2,3:-1",
+            "--warmup",
+            "1",
+            "--runs",
+            "2",
+            "--json",
+        ]
     )
     report = json.loads(capsys.readouterr().out)
     rows = report["rows"]
     assert [(row["variant"], row["r"]) for row in rows] == [
-        ("timm", "-"), ("tome", "0"), ("tome", "2"), ("tome", "(3, -1.0)")
+        ("timm", "-"),
+        ("tome", "0"),
+        ("tome", "2"),
+        ("tome", "(3, -1.0)"),
     ]
     stock = rows[0]
     assert stock["speedup"] == 1.0 and stock["flop_reduction"] == 1.0
@@ -35,7 +53,23 @@ def test_bench_json(capsys: pytest.CaptureFixture[str]) -> None:
 
 
 def test_bench_table(capsys: pytest.CaptureFixture[str]) -> None:
-    bench.main(["--model", "vit_tiny_patch16_224", "--img-size", "32", "--batch-size", "1",
-                "--device", "cpu", "--schedules", "1", "--warmup", "0", "--runs", "1"])
+    bench.main(
+        [
+            "--model",
+            "vit_tiny_patch16_224",
+            "--img-size",
+            "32",
+            "--batch-size",
+            "1",
+            "--device",
+            "cpu",
+            "--schedules",
+            "1",
+            "--warmup",
+            "0",
+            "--runs",
+            "1",
+        ]
+    )
     out = capsys.readouterr().out
     assert "speedup" in out and "FLOP red." in out and out.count("\n") >= 4

@@ -16,11 +16,13 @@ import contextlib
 import logging
 import time
 from collections import deque
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Coroutine, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 from ..observability.metrics import EngineMetrics, QueueMetrics
 from .faults import Fatal, FatalDeviceError, Watchdog
+from .shadow import ShadowMonitor
 
 log = logging.getLogger(__name__)
 
@@ -78,6 +80,7 @@ class TierQueue:
     tier: str
     run: RunBatch
     metrics: QueueMetrics
+    shadow: ShadowMonitor | None = None  # merging tiers: sampled for the fidelity monitor
     jobs: deque[Job] = field(default_factory=deque)
     live: int = 0  # jobs neither started nor abandoned
 
@@ -102,14 +105,16 @@ class Batcher:
         self.max_queue_size = max_queue_size
         self.metrics = metrics
         self.queues: list[TierQueue] = []
-        self._slots = asyncio.Semaphore(pipeline_depth)
+        self._pipeline = asyncio.Semaphore(pipeline_depth)
         self._in_flight: set[asyncio.Task[None]] = set()
         self._wakeup = asyncio.Event()
         self._closing = False
         self._task: asyncio.Task[None] | None = None
 
-    def add_queue(self, model: str, tier: str, run: RunBatch) -> TierQueue:
-        queue = TierQueue(model, tier, run, self.metrics.for_queue(model, tier))
+    def add_queue(
+        self, model: str, tier: str, run: RunBatch, shadow: ShadowMonitor | None = None
+    ) -> TierQueue:
+        queue = TierQueue(model, tier, run, self.metrics.for_queue(model, tier), shadow)
         self.queues.append(queue)
         return queue
 
@@ -210,50 +215,72 @@ class Batcher:
 
     async def _loop(self) -> None:
         while True:
-            await self._slots.acquire()  # at most pipeline_depth batches in flight
+            await self._pipeline.acquire()  # at most pipeline_depth batches in flight
             while True:
                 now = time.monotonic()
                 queue, wait = self._pick(now)
                 if queue is not None or self._closing:
                     break
+                shadow = self._idle_shadow()
+                if shadow is not None:  # the device is idle: one small batch of fidelity checks
+                    self._launch(shadow.run_one_batch())
+                    await self._pipeline.acquire()
+                    continue
                 self._wakeup.clear()
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self._wakeup.wait(), timeout=wait)
             if queue is None:
-                self._slots.release()
+                self._pipeline.release()
                 return
             jobs = self._take(queue, now)
             if not jobs:
-                self._slots.release()
+                self._pipeline.release()
                 continue
-            task = asyncio.get_running_loop().create_task(self._execute(queue, jobs))
-            self._in_flight.add(task)
-            task.add_done_callback(self._in_flight.discard)
+            self._launch(self._execute(queue, jobs))
+
+    def _launch(self, work: Coroutine[Any, Any, None]) -> None:
+        """Run ``work`` as an in-flight batch (it holds one pipeline slot until it ends)."""
+
+        async def holding_a_slot() -> None:
+            try:
+                await work
+            except Exception:  # _execute answers its own jobs: this is shadow work failing
+                log.exception("a fidelity-monitor batch failed")
+            finally:  # not in flight any more before the slot frees: the loop must see the device idle
+                self._in_flight.discard(asyncio.current_task())  # type: ignore[arg-type]
+                self._pipeline.release()
+                self._wakeup.set()
+
+        self._in_flight.add(asyncio.get_running_loop().create_task(holding_a_slot()))
+
+    def _idle_shadow(self) -> ShadowMonitor | None:
+        """A shadow queue with work, if nothing live is queued or running."""
+        if self._in_flight or any(q.live for q in self.queues):
+            return None
+        return next((q.shadow for q in self.queues if q.shadow is not None and q.shadow.pending), None)
 
     async def _execute(self, queue: TierQueue, jobs: list[Job]) -> None:
         series = queue.metrics
         start = time.monotonic()
+        for job in jobs:
+            series.wait.observe(start - job.enqueued)
+        token = self.watchdog.begin(f"of {len(jobs)} on {queue.model}/{queue.tier}")
         try:
+            out = await queue.run([job.slot for job in jobs])
+        except Exception as e:
+            log.exception("batch of %d failed on %s %s", len(jobs), queue.model, queue.tier)
             for job in jobs:
-                series.wait.observe(start - job.enqueued)
-            token = self.watchdog.begin(f"of {len(jobs)} on {queue.model}/{queue.tier}")
-            try:
-                out = await queue.run([job.slot for job in jobs])
-            except Exception as e:
-                log.exception("batch of %d failed on %s %s", len(jobs), queue.model, queue.tier)
-                for job in jobs:
-                    job.done(job, e)
-                if isinstance(e, FatalDeviceError):
-                    self.fatal(f"device error: {e}")
-                return
-            finally:
-                self.watchdog.end(token)
-            series.batch_duration.observe(out.inference_s)
-            series.batch_size.observe(len(jobs))
-            series.images.inc(len(jobs))
-            for i, job in enumerate(jobs):
-                queue_s = start - job.enqueued
-                job.done(job, JobResult(out.indices[i], out.scores[i], queue_s, out.inference_s, len(jobs)))
+                job.done(job, e)
+            if isinstance(e, FatalDeviceError):
+                self.fatal(f"device error: {e}")
+            return
         finally:
-            self._slots.release()
-            self._wakeup.set()
+            self.watchdog.end(token)
+        series.batch_duration.observe(out.inference_s)
+        series.batch_size.observe(len(jobs))
+        series.images.inc(len(jobs))
+        if queue.shadow is not None:  # before answering: the slots are still these requests'
+            queue.shadow.offer(queue.tier, [job.slot for job in jobs], [top[0] for top in out.indices])
+        for i, job in enumerate(jobs):
+            queue_s = start - job.enqueued
+            job.done(job, JobResult(out.indices[i], out.scores[i], queue_s, out.inference_s, len(jobs)))

@@ -25,6 +25,7 @@ from .faults import Fatal
 from .labels import class_names
 from .loading import LoadedModel, ModelLoadError, load_model, resolve_device
 from .runner import DeviceThreads, ModelRunner
+from .shadow import ShadowMonitor
 from .tiers import Tier, max_raw_r, raw_r_tier
 from .warmup import warm_up
 
@@ -158,9 +159,20 @@ class Engine:
             self.fatal,
             b.batch_timeout_s,
         )
+        fidelity = self.settings.fidelity
         for name, loaded in self.models.items():
+            runner = self.runners[name]
+            shadow = None
+            if fidelity.sample_rate > 0:
+                shadow = ShadowMonitor(
+                    name, runner.slots, runner.run_exact, self.metrics,
+                    fidelity.sample_rate, fidelity.queue_size, fidelity.batch_size,
+                )  # fmt: skip
             for tier in loaded.tiers.values():
-                self._add_queue(name, tier.name, tier)
+                merging = any(tier.info.r_per_block)
+                self._add_queue(name, tier.name, tier, shadow if merging else None)
+                if merging and shadow is not None:
+                    self.metrics.init_shadow(name, tier.name)
         if b.warmup:
             for name, loaded in self.models.items():
                 start = time.perf_counter()
@@ -183,9 +195,11 @@ class Engine:
         assert self.threads is not None
         return await self.threads.call(fn)
 
-    def _add_queue(self, model: str, key: str | int, tier: Tier) -> TierQueue:
+    def _add_queue(
+        self, model: str, key: str | int, tier: Tier, shadow: ShadowMonitor | None = None
+    ) -> TierQueue:
         assert self.batcher is not None
-        queue = self.batcher.add_queue(model, tier.name, self.runners[model].runner_for(tier))
+        queue = self.batcher.add_queue(model, tier.name, self.runners[model].runner_for(tier), shadow)
         self.queues[(model, key)] = queue
         return queue
 

@@ -150,6 +150,16 @@ class ModelRunner:
 
         return run
 
+    async def run_exact(self, images: torch.Tensor) -> list[int]:
+        """Top-1 at r=0 of uint8 images (the fidelity monitor's shadow batches; eager, rare, idle time)."""
+
+        def run() -> list[int]:
+            with torch.inference_mode():
+                logits = self.loaded.model(self.normalize(images.to(self.loaded.device)), r=0)
+            return logits.argmax(dim=-1).tolist()
+
+        return await self.threads.call(run)  # type: ignore[return-value]
+
     def _gather(self, slots: Sequence[int], out: torch.Tensor | None = None) -> torch.Tensor:
         index = torch.as_tensor(slots, dtype=torch.int64)
         if out is None:

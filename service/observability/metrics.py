@@ -111,6 +111,24 @@ class EngineMetrics:
             registry=r,
             multiprocess_mode="livemax",
         )
+        self.shadow_checks = Counter(
+            "tome_shadow_checks",
+            "Served images re-run at r=0 by the fidelity monitor",
+            ["model", "tier"],
+            registry=r,
+        )
+        self.shadow_agreements = Counter(
+            "tome_shadow_agreements",
+            "Shadow checks whose r=0 top-1 equals the top-1 the tier served",
+            ["model", "tier"],
+            registry=r,
+        )
+        self.shadow_dropped = Counter(
+            "tome_shadow_dropped",
+            "Shadow samples dropped because the shadow queue was full",
+            ["model", "tier"],
+            registry=r,
+        )
         self.engine_ready = Gauge(
             "tome_engine_ready",
             "1 once every model is loaded and warm",
@@ -131,6 +149,10 @@ class EngineMetrics:
         )
         series.depth.set(0)
         return series
+
+    def init_shadow(self, model: str, tier: str) -> None:
+        for counter in (self.shadow_checks, self.shadow_agreements, self.shadow_dropped):
+            counter.labels(model=model, tier=tier)
 
 
 @dataclass(frozen=True)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import time
+
 import pytest
 from fastapi.testclient import TestClient
 
@@ -306,3 +308,19 @@ def test_fused_resize_setting_picks_the_preprocessing_path(make_client, fused: b
     body = image_bytes("PNG", size=(90, 70))
     r = client.post("/classify", content=body, headers={"content-type": "image/png"})
     assert r.status_code == 200
+
+
+def test_fidelity_monitor_counts_on_an_idle_service(make_client) -> None:
+    c = make_client(fidelity={"sample_rate": 1.0})
+    for _ in range(5):
+        assert classify(c, params={"tier": "fast"}).status_code == 200
+    assert classify(c, params={"tier": "exact"}).status_code == 200  # r=0 itself is never shadowed
+    deadline = time.monotonic() + 10
+    while metric_value(text := c.get("/metrics").text, "tome_shadow_checks_total", {"tier": "fast"}) < 5:
+        assert time.monotonic() < deadline, "shadow checks never ran on an idle service"
+        time.sleep(0.05)
+    labels = {"model": "tiny", "tier": "fast"}
+    # the same image every time: the tier's answer and r=0's agree for all five or for none
+    assert metric_value(text, "tome_shadow_agreements_total", labels) in (0, 5)
+    assert 'tome_shadow_checks_total{model="tiny",tier="exact"}' not in text
+    assert metric_value(text, "tome_shadow_dropped_total", labels) == 0

@@ -297,3 +297,47 @@ def test_which_errors_are_fatal() -> None:
     assert not is_fatal(torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB"))
     assert not is_fatal(RuntimeError("shape mismatch"))
     assert not is_fatal(ValueError("CUDA error"))
+
+
+def test_shadow_work_runs_only_when_nothing_live_is_queued_or_running() -> None:
+    """The fidelity monitor's r=0 re-runs: sampled from merging-tier batches, run only on an idle
+    device, and dropped (counted) when their queue is full."""
+    import torch
+
+    from service.engine.shadow import ShadowMonitor
+
+    async def main() -> None:
+        b, done = make(max_batch=2, wait_ms=0), Results()
+        seen_busy: list[tuple[int, int]] = []
+
+        async def run_exact(images: torch.Tensor) -> list[int]:
+            seen_busy.append((sum(q.live for q in b.queues), len(b._in_flight)))  # the shadow task itself: 1
+            return [int(x) for x in images[:, 0, 0, 0]]
+
+        slots = torch.arange(16, dtype=torch.uint8).view(16, 1, 1, 1).expand(16, 2, 2, 3).contiguous()
+        shadow = ShadowMonitor(
+            "m", slots, run_exact, b.metrics, sample_rate=1.0, capacity=4, batch_size=2, seed=0
+        )
+        gate = threading.Event()
+        q = b.add_queue("m", "fast", Recorder("fast", [], gate), shadow)
+        b.start()
+        b.submit(q, list(range(8)), FAR, done)  # 4 batches of 2: every image is sampled, 4 fit
+        await asyncio.sleep(0.05)
+        gate.set()
+        await done.wait(8)
+        deadline = time.monotonic() + 5
+        while shadow.pending or b._in_flight:
+            assert time.monotonic() < deadline
+            await asyncio.sleep(0.01)
+        assert seen_busy and all(busy == (0, 1) for busy in seen_busy), seen_busy
+        checks = b.metrics.shadow_checks.labels(model="m", tier="fast")._value.get()
+        dropped = b.metrics.shadow_dropped.labels(model="m", tier="fast")._value.get()
+        agreements = b.metrics.shadow_agreements.labels(model="m", tier="fast")._value.get()
+        # all 8 are queued at once, so nothing is idle until they are served: slots 0-3 fill the
+        # 4-image shadow ring, 4-7 are dropped
+        assert (checks, dropped) == (4, 4)
+        # Recorder served slot*2 as the top-1, this r=0 answers the slot: only slot 0 agrees
+        assert agreements == 1
+        await b.close()
+
+    asyncio.run(main())
