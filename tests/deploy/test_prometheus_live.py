@@ -46,6 +46,7 @@ def scrape_config_for(target: str) -> dict[str, Any]:
 def prometheus(live_server: LiveServer, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     assert PROMETHEUS is not None
     work = tmp_path_factory.mktemp("prometheus")
+    shutil.copytree(SCRAPE_CONFIG.parent / "rules", work / "rules")  # rule_files are relative to the config
     config = work / "prometheus.yml"
     config.write_text(yaml.safe_dump(scrape_config_for(f"127.0.0.1:{live_server.port}")))
     port = free_port()
@@ -153,3 +154,15 @@ def test_scrape_config_is_the_repo_one() -> None:
     rewritten["global"]["scrape_interval"] = original["global"]["scrape_interval"]
     assert rewritten == original
     assert Path(SCRAPE_CONFIG).is_file()
+
+
+def test_alerting_rules_load_and_evaluate_against_the_live_service(prometheus: str) -> None:
+    """The rules file the config names loads, and its expressions evaluate without error."""
+
+    def loaded() -> bool:
+        status, body = http_get(f"{prometheus}/api/v1/rules")
+        groups = json.loads(body)["data"]["groups"] if status == 200 else []
+        rules = [r for g in groups if g["name"] == "tome-serve-fidelity" for r in g["rules"]]
+        return len(rules) == 2 and all(r["health"] == "ok" and r.get("lastEvaluation") for r in rules)
+
+    wait_for("the fidelity alerting rules to be evaluated", loaded)
