@@ -58,6 +58,31 @@ class TierSpec(_Strict):
         return self.r
 
 
+class AutoSpec(_Strict):
+    """``tier=auto`` (service/engine/auto.py): degrade before shedding."""
+
+    floor: str | None = Field(None, description="fastest tier auto may use; default: the fastest tier")
+    latency_objective_ms: float = Field(
+        1000.0, gt=0, description="auto's deadline when the request sends no X-Deadline-Ms"
+    )
+    hold_s: float = Field(
+        2.0, ge=0, description="least time between auto moving back to a more faithful tier"
+    )
+    upgrade_margin: float = Field(
+        0.7,
+        gt=0,
+        le=1,
+        description="a more faithful tier is taken back only if it fits in this share of the budget",
+    )
+    max_queue_share: float = Field(
+        0.5,
+        gt=0,
+        le=1,
+        description="auto images fill at most this share of a tier's queue (the rest is kept "
+        "for requests that name their tier)",
+    )
+
+
 class ModelSpec(_Strict):
     """A model to serve."""
 
@@ -76,6 +101,7 @@ class ModelSpec(_Strict):
     tiers: dict[str, TierSpec] | None = Field(None, description="None: exact/balanced/fast/fastest defaults")
     default_tier: str = "balanced"
     allow_raw_r: bool = Field(False, description="accept ?r=<int> within the model's valid range")
+    auto: AutoSpec = Field(default_factory=AutoSpec)
 
     @field_validator("tiers")
     @classmethod

@@ -21,9 +21,10 @@ async def get_frontend(request: Request) -> Frontend:
 FrontendDep = Annotated[Frontend, Depends(get_frontend)]
 
 
-def deadline(request: Request, frontend: Frontend) -> float:
-    """Absolute ``time.monotonic()`` deadline: the configured budget, shortened by ``X-Deadline-Ms``."""
-    budget_ms = frontend.settings.limits.deadline_ms
+def deadline(request: Request, frontend: Frontend, objective_ms: float | None = None) -> float:
+    """Absolute ``time.monotonic()`` deadline: the configured budget (or ``objective_ms``, tier=auto's
+    latency objective, when smaller), shortened by ``X-Deadline-Ms``."""
+    budget_ms = min(frontend.settings.limits.deadline_ms, objective_ms or float("inf"))
     sent = request.headers.get(DEADLINE_HEADER)
     if sent is not None:
         try:
@@ -45,8 +46,12 @@ def resolve_model(frontend: Frontend, name: str | None) -> ServedModel:
     return frontend.models[name]
 
 
-def resolve_tier(model: ServedModel, tier: str | None, r: int | None) -> tuple[str | int, dict]:
-    """The engine's key for the tier (a name, or an int for a raw ``?r=``) and its description."""
+AUTO = "auto"
+
+
+def resolve_tier(model: ServedModel, tier: str | None, r: int | None) -> tuple[str | int, dict | None]:
+    """The engine's key for the tier (a name, ``auto``, or an int for a raw ``?r=``) and its description
+    (None for ``auto``: the engine picks the tier)."""
     if r is not None:
         if not model.info["allow_raw_r"]:
             raise ServiceError(
@@ -59,9 +64,11 @@ def resolve_tier(model: ServedModel, tier: str | None, r: int | None) -> tuple[s
             raise ServiceError(422, "bad_request", f"r must be between 0 and {limit} for this model, got {r}")
         return r, model.raw_tiers[r]
     name = tier or model.info["default_tier"]
+    if name == AUTO and model.info.get("auto"):
+        return AUTO, None
     if name not in model.tiers:
         raise ServiceError(
-            400, "unknown_tier", f"unknown tier {name!r} for model {model.name!r}", valid=list(model.tiers)
+            400, "unknown_tier", f"unknown tier {name!r} for model {model.name!r}", valid=[*model.tiers, AUTO]
         )
     return name, model.tiers[name]
 

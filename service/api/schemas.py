@@ -101,6 +101,12 @@ class ClassifyResponse(BaseModel):
     tier: str
     schedule: str = Field(description="the tier's r schedule, e.g. r=13 or r=16,inflection=-1")
     r_per_block: list[int] = Field(description="tokens merged in each block")
+    auto_reason: str | None = Field(
+        None,
+        description="tier=auto only, why it chose this tier: fits (the most faithful tier meets the "
+        "deadline), deadline (a faster tier, to meet it), queue_share (auto's share of the more faithful "
+        "tiers' queues was full)",
+    )
     top_k: list[Prediction] | None = Field(None, description="single-image requests")
     timings: Timings | None = None
     batch_size: int | None = Field(None, description="images in the batch this one ran in")

@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ..observability.metrics import EngineMetrics, QueueMetrics
+from .auto import BatchTimes
 from .faults import Fatal, FatalDeviceError, Watchdog
 from .shadow import ShadowMonitor
 
@@ -105,6 +106,8 @@ class Batcher:
         self.max_queue_size = max_queue_size
         self.metrics = metrics
         self.queues: list[TierQueue] = []
+        self.batch_times: dict[str, BatchTimes] = {}  # per model, for tier=auto's predictions
+        self._running: dict[int, tuple[float, str, str, int]] = {}  # started, model, tier, images
         self._pipeline = asyncio.Semaphore(pipeline_depth)
         self._in_flight: set[asyncio.Task[None]] = set()
         self._wakeup = asyncio.Event()
@@ -171,6 +174,19 @@ class Batcher:
         queue.live -= len(waiting)
         self._set_depth(queue)
         return len(waiting)
+
+    def backlog_s(self, now: float) -> float:
+        """Predicted seconds until the device has run every live queued image and every running batch."""
+        total = 0.0
+        for queue in self.queues:
+            times = self.batch_times.get(queue.model)
+            if times is not None and queue.live:
+                total += times.drain(queue.tier, queue.live)
+        for started, model, tier, images in self._running.values():
+            times = self.batch_times.get(model)
+            if times is not None:
+                total += max(0.0, times.batch(tier, images) - (now - started))
+        return total
 
     def _set_depth(self, queue: TierQueue) -> None:
         queue.metrics.depth.set(queue.live)
@@ -265,6 +281,7 @@ class Batcher:
         for job in jobs:
             series.wait.observe(start - job.enqueued)
         token = self.watchdog.begin(f"of {len(jobs)} on {queue.model}/{queue.tier}")
+        self._running[token] = (start, queue.model, queue.tier, len(jobs))
         try:
             out = await queue.run([job.slot for job in jobs])
         except Exception as e:
@@ -276,6 +293,10 @@ class Batcher:
             return
         finally:
             self.watchdog.end(token)
+            del self._running[token]
+        times = self.batch_times.get(queue.model)
+        if times is not None:
+            times.observe(queue.tier, len(jobs), out.inference_s)
         series.batch_duration.observe(out.inference_s)
         series.batch_size.observe(len(jobs))
         series.images.inc(len(jobs))

@@ -20,6 +20,7 @@ from ..ipc.rundir import RunDir
 from ..ipc.slots import SlotLayout, create_slot_file, map_slots
 from ..observability.metrics import EngineMetrics
 from ..settings import ServiceSettings
+from .auto import AUTO, AutoPolicy, BatchTimes, DecayedMean, faithful_order
 from .batcher import Batcher, DeadlineExceeded, Draining, Job, JobResult, QueueFull, TierQueue
 from .faults import Fatal
 from .labels import class_names
@@ -49,6 +50,7 @@ class _Request:
     error: BaseException | None = None
     cancelled: bool = False
     pending: int = 0
+    reason: str | None = None  # tier=auto: why this tier
 
     def answer(self) -> Result | Reject:
         if self.cancelled:
@@ -65,7 +67,7 @@ class _Request:
                     r.queue_s, r.inference_s, r.batch_size, r.indices[: self.top_k], r.scores[: self.top_k]
                 )
             )
-        return Result(self.id, self.tier, None, images)
+        return Result(self.id, self.tier, self.reason, images)
 
 
 def check_space(rundir: RunDir, layout: SlotLayout, model: str) -> None:
@@ -110,6 +112,9 @@ class Engine:
         self.layouts: dict[str, SlotLayout] = {}
         self.queues: dict[tuple[str, str | int], TierQueue] = {}
         self.speedups: dict[str, dict[str, float]] = {}
+        self.agreements: dict[str, dict[str, float]] = {}  # calibrated agreement with r=0, per tier
+        self.auto: dict[str, AutoPolicy] = {}
+        self.auto_agreement: dict[str, DecayedMean] = {}
         self.batch_seconds: dict[str, dict[str, dict[int, float]]] = {}
         self.threads: DeviceThreads | None = None
         self.batcher: Batcher | None = None
@@ -138,6 +143,7 @@ class Engine:
                 loaded, slots, self.threads, b.max_batch_size, top_k, b.cuda_graphs, b.pipeline_depth
             )
             self.models[spec.name] = loaded
+            self._set_up_auto(spec.name, loaded)
             self.layouts[spec.name] = layout
             self.labels[spec.name] = list(class_names(loaded.num_classes))
             for tier in loaded.tiers.values():
@@ -186,10 +192,24 @@ class Engine:
                     "warmed up %s in %.1fs (%d CUDA graphs): speedups %s",
                     name, time.perf_counter() - start, report.graphs, report.speedups,
                 )  # fmt: skip
+        for name, runner in self.runners.items():
+            self.batcher.batch_times[name] = BatchTimes(runner.buckets, self.batch_seconds.get(name, {}))
         self.batcher.start()
         self.ready = True
         self.metrics.engine_ready.set(1)
         self._publish()
+
+    def _set_up_auto(self, name: str, loaded: LoadedModel) -> None:
+        """tier=auto's order of tiers, most faithful first down to the floor (at load: front-ends see it)."""
+        order = faithful_order(
+            {t.name: t.info.gflops for t in loaded.tiers.values()}, self.agreements.get(name, {})
+        )
+        floor = loaded.spec.auto.floor or order[-1]
+        if floor not in order:
+            raise ModelLoadError(f"model {name!r}: auto.floor {floor!r} is not one of its tiers {order}")
+        spec = loaded.spec.auto
+        self.auto[name] = AutoPolicy(order[: order.index(floor) + 1], spec.upgrade_margin, spec.hold_s)
+        self.auto_agreement[name] = DecayedMean()
 
     async def _device_call(self, fn: Callable[[], Any]) -> Any:
         assert self.threads is not None
@@ -226,6 +246,12 @@ class Engine:
                     "max_top_k": self.runners[name].top_k,
                     "default_tier": m.spec.default_tier,
                     "allow_raw_r": m.spec.allow_raw_r,
+                    "auto": {
+                        "latency_objective_ms": m.spec.auto.latency_objective_ms,
+                        "tiers": self.auto[name].tiers,
+                    }
+                    if name in self.auto
+                    else None,
                     "raw_r_max": max_raw_r(m.model),
                     "tiers": [_describe_tier(t) for t in m.tiers.values()],
                     "raw_tiers": [
@@ -269,11 +295,20 @@ class Engine:
         if not self.ready:
             reply(Reject(request_id, "warming_up", "the service is warming up"))
             return
+        reason = None
+        if tier == AUTO and model in self.auto:
+            picked = self._choose_auto(model, deadline, len(slots))
+            if isinstance(picked, Reject):
+                reply(Reject(request_id, picked.code, picked.message))
+                return
+            tier, reason = picked
         queue = self._queue_for(model, tier)
         if isinstance(queue, Reject):
             reply(Reject(request_id, queue.code, queue.message))
             return
-        request = _Request(request_id, model, queue.tier, queue, top_k, reply, pending=len(slots))
+        request = _Request(
+            request_id, model, queue.tier, queue, top_k, reply, pending=len(slots), reason=reason
+        )
         assert self.batcher is not None
         try:
             request.jobs = self.batcher.submit(
@@ -289,6 +324,32 @@ class Engine:
             return
         self.requests[(conn, request_id)] = request
         self._idle.clear()
+
+    def _choose_auto(self, model: str, deadline: float, images: int) -> tuple[str, str] | Reject:
+        """tier=auto: the most faithful tier predicted to answer by ``deadline`` (engine/auto.py)."""
+        assert self.batcher is not None
+        policy, times, spec = self.auto[model], self.batcher.batch_times[model], self.models[model].spec.auto
+        now = time.monotonic()
+        start = now + self.batcher.backlog_s(now) + self.batcher.max_wait_s
+        choice = policy.choose({t: start + times.batch(t, images) for t in policy.tiers}, deadline, now)
+        if choice.tier is None:
+            self.metrics.auto_decisions.labels(model=model, tier="none", reason=choice.reason).inc()
+            return Reject(0, "overloaded", "even the fastest tier auto may use cannot answer by the deadline")
+        tier, reason = choice.tier, choice.reason
+        cap = spec.max_queue_share * self.batcher.max_queue_size
+        if self.queues[(model, tier)].live + images > cap:  # fairness: leave room for named tiers
+            faster = policy.tiers[policy.tiers.index(tier) + 1 :]
+            roomy = [t for t in faster if self.queues[(model, t)].live + images <= cap]
+            if not roomy or start + times.batch(roomy[0], images) > deadline:
+                self.metrics.auto_decisions.labels(model=model, tier="none", reason="queue_share").inc()
+                return Reject(0, "overloaded", "auto's share of every tier's queue is full; retry later")
+            tier, reason = roomy[0], "queue_share"
+        self.metrics.auto_decisions.labels(model=model, tier=tier, reason=reason).inc()
+        agreement = self.agreements.get(model, {}).get(tier)
+        if agreement is not None:
+            self.auto_agreement[model].add(agreement, now)
+            self.metrics.auto_agreement.labels(model=model).set(self.auto_agreement[model].mean)
+        return tier, reason
 
     def _queue_for(self, model: str, tier: str | int) -> TierQueue | Reject:
         loaded = self.models.get(model)

@@ -112,9 +112,9 @@ def load_model(spec: ModelSpec, device: torch.device) -> LoadedModel:
         tiers = build_tiers(model, spec.tiers)
     except (ValueError, TypeError) as e:
         raise ModelLoadError(f"model {spec.name!r}: bad tier: {e}") from e
-    if spec.default_tier not in tiers:
+    if spec.default_tier not in tiers and spec.default_tier != "auto":
         raise ModelLoadError(
-            f"model {spec.name!r}: default_tier {spec.default_tier!r} is not one of {sorted(tiers)}"
+            f"model {spec.name!r}: default_tier {spec.default_tier!r} is not one of {sorted(tiers)} or auto"
         )
     log.info("loaded %s (%s) on %s as %s from %s", spec.name, spec.architecture, device, dtype, source)
     return LoadedModel(

@@ -25,6 +25,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 import torch
 
 from .batcher import BatchOutput, RunBatch
+from .buckets import batch_buckets, bucket_for
 from .faults import FatalDeviceError, is_fatal
 from .graphs import GraphCache
 from .loading import LoadedModel
@@ -32,16 +33,6 @@ from .normalize import Normalize
 from .tiers import Tier
 
 log = logging.getLogger(__name__)
-
-
-def batch_buckets(max_batch_size: int) -> list[int]:
-    """Powers of two up to ``max_batch_size``, plus ``max_batch_size`` itself."""
-    sizes = [1 << i for i in range(max_batch_size.bit_length()) if 1 << i <= max_batch_size]
-    return sorted({*sizes, max_batch_size})
-
-
-def bucket_for(n: int, buckets: Sequence[int]) -> int:
-    return next(b for b in buckets if b >= n)
 
 
 class DeviceThreads:

@@ -129,6 +129,19 @@ class EngineMetrics:
             ["model", "tier"],
             registry=r,
         )
+        self.auto_decisions = Counter(
+            "tome_auto_tier",
+            "tier=auto requests by the tier chosen (none: refused) and why",
+            ["model", "tier", "reason"],
+            registry=r,
+        )
+        self.auto_agreement = Gauge(
+            "tome_auto_effective_agreement",
+            "Calibrated agreement with r=0 of the tiers auto chose, averaged over the last minutes",
+            ["model"],
+            registry=r,
+            multiprocess_mode="livemax",
+        )
         self.engine_ready = Gauge(
             "tome_engine_ready",
             "1 once every model is loaded and warm",

@@ -211,6 +211,7 @@ def test_unknown_tier_lists_valid_ones(client: TestClient) -> None:
         "balanced",
         "fast",
         "fastest",
+        "auto",
     ]
 
 

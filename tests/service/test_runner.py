@@ -7,8 +7,9 @@ import asyncio
 import pytest
 import torch
 
+from service.engine.buckets import batch_buckets, bucket_for
 from service.engine.loading import LoadedModel, load_model
-from service.engine.runner import DeviceThreads, ModelRunner, batch_buckets, bucket_for
+from service.engine.runner import DeviceThreads, ModelRunner
 from service.settings import ModelSpec
 
 from .conftest import TINY_MODEL

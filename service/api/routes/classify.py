@@ -163,9 +163,10 @@ async def classify(
         served = resolve_model(frontend, model)
         outcome.model = served.name
         tier_key, tier_info = resolve_tier(served, tier, r)
-        outcome.tier = tier_info["name"]
+        outcome.tier = tier_info["name"] if tier_info else str(tier_key)
         k = resolve_top_k(served, top_k)
-        until = deadline(request, frontend)
+        objective = served.info["auto"]["latency_objective_ms"] if tier_info is None else None
+        until = deadline(request, frontend, objective)
         limits = frontend.settings.limits
         parts = await read_images(request, limits.max_body_bytes, limits.max_files, limits.body_timeout_s)
         slots = served.free.acquire(len(parts))
@@ -193,6 +194,7 @@ async def classify(
                 raise unavailable("engine_down", "the inference engine is not running") from e
             result = await _wait(request, frontend, engine_id, answer, until)
             outcome.tier = result.tier
+            tier_info = tier_info or served.tiers[result.tier]
         response = _respond(outcome, served, tier_info, parts, errors, result)
     count_request(request, outcome, 200)
     return response
@@ -201,7 +203,7 @@ async def classify(
 def _respond(
     outcome: Outcome,
     served: ServedModel,
-    tier_info: dict,
+    tier_info: dict | None,
     parts: list[ImagePart],
     errors: list[ServiceError | None],
     result: Result | None,
@@ -226,12 +228,15 @@ def _respond(
                 batch_size=image.batch_size,
             )
         )
+    if tier_info is None:  # tier=auto and no image reached the engine: the default tier describes it
+        tier_info = served.tiers.get(served.info["auto"]["tiers"][0]) or next(iter(served.tiers.values()))
     body = ClassifyResponse(
         request_id=outcome.request_id,
         model=served.name,
-        tier=outcome.tier,
+        tier=outcome.tier if result is not None else tier_info["name"],
         schedule=tier_info["schedule"],
         r_per_block=tier_info["r_per_block"],
+        auto_reason=result.reason if result is not None else None,
     )
     if len(slots) == 1:
         body.top_k, body.timings, body.batch_size = slots[0].top_k, slots[0].timings, slots[0].batch_size

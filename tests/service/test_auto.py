@@ -1,0 +1,109 @@
+"""tier=auto: batch-time predictions, the choice of tier, hysteresis, and the API around it."""
+
+from __future__ import annotations
+
+import math
+import time
+
+import pytest
+
+from service.engine.auto import AutoPolicy, BatchTimes, DecayedMean, faithful_order
+
+from .conftest import image_bytes, metric_value
+
+PNG = image_bytes("PNG")
+
+
+def test_batch_times_start_from_warm_up_and_follow_live_batches() -> None:
+    times = BatchTimes([1, 2, 4, 8], {"exact": {1: 0.010, 8: 0.040}})
+    assert times.batch("exact", 1) == 0.010
+    assert times.batch("exact", 5) == 0.040  # bucket 8
+    assert times.batch("exact", 2) == pytest.approx(0.020)  # nearest measured bucket (1), scaled by size
+    assert times.batch("unknown", 4) == 0.0
+    times.observe("exact", 8, 0.080)
+    assert times.batch("exact", 8) == pytest.approx(0.8 * 0.040 + 0.2 * 0.080)
+    assert times.drain("exact", 20) == pytest.approx(2 * times.batch("exact", 8) + times.batch("exact", 4))
+    assert times.drain("exact", 0) == 0.0
+
+
+def test_auto_takes_the_most_faithful_tier_that_fits() -> None:
+    policy = AutoPolicy(["exact", "fast", "fastest"], hold_s=0)
+    now = 100.0
+    choice = policy.choose({"exact": 100.5, "fast": 100.3, "fastest": 100.2}, deadline=101.0, now=now)
+    assert (choice.tier, choice.reason) == ("exact", "fits")
+    choice = policy.choose({"exact": 101.5, "fast": 100.8, "fastest": 100.4}, deadline=101.0, now=now)
+    assert (choice.tier, choice.reason) == ("fast", "deadline")
+    choice = policy.choose({"exact": 103, "fast": 102, "fastest": 101.5}, deadline=101.0, now=now)
+    assert choice.tier is None and choice.reason == "floor_too_slow"
+
+
+def test_auto_does_not_flap_back_to_a_faithful_tier_at_once() -> None:
+    policy = AutoPolicy(["exact", "fastest"], upgrade_margin=0.5, hold_s=2.0)
+    budget = {"deadline": 11.0}
+    assert policy.choose({"exact": 12.0, "fastest": 10.5}, budget["deadline"], now=10.0).tier == "fastest"
+    # exact fits again, but only just (0.9 of the 1 s budget): stay degraded
+    assert policy.choose({"exact": 10.9, "fastest": 10.3}, deadline=11.0, now=10.0).tier == "fastest"
+    # roomy (0.3 of the budget) but the last change is under hold_s old: stay
+    assert policy.choose({"exact": 11.3, "fastest": 11.1}, deadline=12.0, now=11.0).tier == "fastest"
+    # roomy and held long enough: back to exact
+    assert policy.choose({"exact": 13.3, "fastest": 13.1}, deadline=14.0, now=13.0).tier == "exact"
+    # degrading is never delayed
+    assert policy.choose({"exact": 14.5, "fastest": 13.2}, deadline=14.0, now=13.1).tier == "fastest"
+
+
+def test_faithful_order_uses_calibration_when_every_tier_has_one() -> None:
+    gflops = {"exact": 1.2, "balanced": 0.9, "odd": 0.5, "fastest": 0.6}
+    assert faithful_order(gflops, {}) == ["exact", "balanced", "fastest", "odd"]
+    agreements = {"exact": 1.0, "balanced": 0.97, "odd": 0.96, "fastest": 0.90}
+    assert faithful_order(gflops, agreements) == ["exact", "balanced", "odd", "fastest"]
+    assert faithful_order(gflops, {"exact": 1.0}) == [
+        "exact",
+        "balanced",
+        "fastest",
+        "odd",
+    ]  # partial: GFLOPs
+
+
+def test_decayed_mean() -> None:
+    mean = DecayedMean(half_life_s=10)
+    assert math.isnan(mean.mean)
+    mean.add(1.0, now=0)
+    mean.add(0.0, now=10)  # the first value has half its weight by now
+    assert mean.mean == pytest.approx(0.5 / 1.5)
+
+
+def test_auto_at_low_load_serves_the_most_faithful_tier(make_client) -> None:
+    c = make_client()
+    r = c.post("/classify?tier=auto", content=PNG, headers={"content-type": "image/png"})
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert body["tier"] == "exact" and body["auto_reason"] == "fits" and body["r_per_block"] == [0, 0]
+    text = c.get("/metrics").text
+    assert (
+        metric_value(text, "tome_auto_tier_total", {"model": "tiny", "tier": "exact", "reason": "fits"}) == 1
+    )
+
+
+def test_auto_refuses_at_once_what_even_the_floor_cannot_meet(make_client) -> None:
+    """A deadline shorter than the batch-closing wait alone: 503 with Retry-After immediately, never a 504
+    after waiting, and nothing runs."""
+    c = make_client(batching={"max_batch_size": 8, "max_wait_ms": 50, "max_queue_size": 64})
+    before = metric_value(c.get("/metrics").text, "tome_images_total")
+    start = time.monotonic()
+    r = c.post(
+        "/classify?tier=auto", content=PNG, headers={"content-type": "image/png", "X-Deadline-Ms": "10"}
+    )
+    assert time.monotonic() - start < 0.5
+    assert r.status_code == 503 and r.json()["error"]["code"] == "overloaded" and r.headers["retry-after"]
+    text = c.get("/metrics").text
+    assert metric_value(text, "tome_auto_tier_total", {"tier": "none", "reason": "floor_too_slow"}) == 1
+    assert metric_value(text, "tome_images_total") == before
+
+
+def test_auto_can_be_the_default_tier(make_client) -> None:
+    from .conftest import TINY_MODEL
+
+    c = make_client(models=[{**TINY_MODEL, "default_tier": "auto"}])
+    r = c.post("/classify", content=PNG, headers={"content-type": "image/png"})
+    assert r.status_code == 200 and r.json()["auto_reason"] in ("fits", "deadline")
+    assert c.get("/tiers").json()["tiny"]["default_tier"] == "auto"
