@@ -74,6 +74,11 @@ class AutoSpec(_Strict):
         le=1,
         description="a more faithful tier is taken back only if it fits in this share of the budget",
     )
+    safety_factor: float = Field(
+        1.2,
+        ge=1,
+        description="predicted waits are stretched by this before they are compared with the deadline",
+    )
     max_queue_share: float = Field(
         0.5,
         gt=0,

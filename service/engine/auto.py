@@ -9,10 +9,12 @@ going faster than the floor tier. Only when even the floor cannot make it is the
 once (503 + Retry-After), instead of a 504 after waiting.
 
 Batch times per (tier, bucket) are measured at warm-up and kept current from live batches (an
-exponentially weighted mean). Hysteresis: moving back to a more faithful tier needs the prediction to
-fit with room to spare (``upgrade_margin``) and the last change to be ``hold_s`` old, so the choice does
-not flap batch to batch. Fairness: auto images may fill at most ``max_queue_share`` of a queue, so a flood
-of auto requests leaves room for requests that named their tier.
+exponentially weighted mean); predictions are stretched by ``safety_factor`` (a busy host runs batches
+slower than an idle warm-up measured, and the estimate takes a few batches to follow). Hysteresis:
+moving back to a more faithful tier needs the prediction to fit with room to spare
+(``upgrade_margin``) and the last change to be ``hold_s`` old, so the choice does not flap batch to
+batch. Fairness: auto images may fill at most ``max_queue_share`` of a queue, so a flood of auto
+requests leaves room for requests that named their tier.
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ from dataclasses import dataclass, field
 from .buckets import bucket_for
 
 AUTO = "auto"
-EWMA_WEIGHT = 0.2  # weight of the newest live batch in a (tier, bucket) time
+EWMA_WEIGHT = 0.3  # weight of the newest live batch in a (tier, bucket) time
 
 
 class BatchTimes:

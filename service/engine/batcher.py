@@ -175,12 +175,13 @@ class Batcher:
         self._set_depth(queue)
         return len(waiting)
 
-    def backlog_s(self, now: float) -> float:
-        """Predicted seconds until the device has run every live queued image and every running batch."""
+    def backlog_s(self, now: float, leave_out: TierQueue | None = None) -> float:
+        """Predicted seconds until the device has run every running batch and every live queued image
+        (but ``leave_out``'s, which the caller counts itself)."""
         total = 0.0
         for queue in self.queues:
             times = self.batch_times.get(queue.model)
-            if times is not None and queue.live:
+            if times is not None and queue.live and queue is not leave_out:
                 total += times.drain(queue.tier, queue.live)
         for started, model, tier, images in self._running.values():
             times = self.batch_times.get(model)

@@ -330,8 +330,16 @@ class Engine:
         assert self.batcher is not None
         policy, times, spec = self.auto[model], self.batcher.batch_times[model], self.models[model].spec.auto
         now = time.monotonic()
-        start = now + self.batcher.backlog_s(now) + self.batcher.max_wait_s
-        choice = policy.choose({t: start + times.batch(t, images) for t in policy.tiers}, deadline, now)
+
+        def finish_at(tier: str) -> float:
+            # everything else queued or running first, then this tier's queue with the request at its end
+            queue = self.queues[(model, tier)]
+            ahead = self.batcher.backlog_s(now, leave_out=queue)  # type: ignore[union-attr]
+            wait = ahead + self.batcher.max_wait_s + times.drain(tier, queue.live + images)  # type: ignore[union-attr]
+            return now + spec.safety_factor * wait
+
+        finish = {t: finish_at(t) for t in policy.tiers}
+        choice = policy.choose(finish, deadline, now)
         if choice.tier is None:
             self.metrics.auto_decisions.labels(model=model, tier="none", reason=choice.reason).inc()
             return Reject(0, "overloaded", "even the fastest tier auto may use cannot answer by the deadline")
@@ -340,7 +348,7 @@ class Engine:
         if self.queues[(model, tier)].live + images > cap:  # fairness: leave room for named tiers
             faster = policy.tiers[policy.tiers.index(tier) + 1 :]
             roomy = [t for t in faster if self.queues[(model, t)].live + images <= cap]
-            if not roomy or start + times.batch(roomy[0], images) > deadline:
+            if not roomy or finish[roomy[0]] > deadline:
                 self.metrics.auto_decisions.labels(model=model, tier="none", reason="queue_share").inc()
                 return Reject(0, "overloaded", "auto's share of every tier's queue is full; retry later")
             tier, reason = roomy[0], "queue_share"

@@ -30,6 +30,7 @@ from prometheus_client import multiprocess as prometheus_multiprocess
 from ..ipc.rundir import RunDir
 from ..observability.metrics import MULTIPROC_ENV
 from ..settings import ServiceSettings
+from . import entry
 from .frontend_process import frontend_main
 
 log = logging.getLogger("service.supervisor")
@@ -126,13 +127,10 @@ class Supervisor:
             self.rundir.remove()
 
     def _start_engine(self) -> None:
-        # imported here: it pulls in torch, and spawned front-ends re-import this module (they stay light)
-        from .engine_process import engine_main
-
         assert self.rundir is not None
         parent, child = self.ctx.Pipe(duplex=False)
         self.engine = self.ctx.Process(
-            target=engine_main,
+            target=entry.engine,  # imports torch in the engine process only
             args=(self.settings, str(self.rundir.path), self.workers, child, self.log_level),
             name="tome-engine",
         )
