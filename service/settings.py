@@ -74,6 +74,13 @@ class AutoSpec(_Strict):
         le=1,
         description="a more faithful tier is taken back only if it fits in this share of the budget",
     )
+    target_share: float = Field(
+        0.5,
+        gt=0,
+        le=1,
+        description="a tier fits when predicted to answer within this share of the budget (the rest is "
+        "slack); the floor may use all of it",
+    )
     safety_factor: float = Field(
         1.2,
         ge=1,

@@ -120,6 +120,9 @@ class TierDescription(BaseModel):
     tokens_after_last_block: int
     gflops: float
     speedup_vs_exact: float | None = Field(None, description="measured at warm-up; null before")
+    batch_ms: dict[int, float] | None = Field(
+        None, description="ms per batch on this device, by batch size, measured at warm-up; null before"
+    )
 
 
 class ModelTiers(BaseModel):

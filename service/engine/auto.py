@@ -72,11 +72,18 @@ class AutoChoice:
 
 @dataclass
 class AutoPolicy:
-    """One model's auto choices. ``tiers`` runs from the most faithful to the floor (inclusive)."""
+    """One model's auto choices. ``tiers`` runs from the most faithful to the floor (inclusive).
+
+    A tier fits when it is predicted to answer within ``target_share`` of the request's budget: the rest
+    is slack for prediction error and for the requests behind it (a faithful tier allowed to fill the
+    whole budget would make every later request, at any tier, wait behind its queue). When no tier fits
+    that way, the floor is taken if it makes the deadline at all.
+    """
 
     tiers: list[str]
     upgrade_margin: float = 0.7
     hold_s: float = 2.0
+    target_share: float = 0.5
     current: int = 0  # index into tiers of the last choice
     changed_at: float = field(default=float("-inf"))
 
@@ -84,13 +91,17 @@ class AutoPolicy:
         """``finish_at``: per tier, the predicted time (monotonic s) the request would be answered."""
         now = time.monotonic() if now is None else now
         budget = deadline - now
-        fits = [finish_at[t] <= deadline for t in self.tiers]
+        target = now + self.target_share * budget
+        fits = [finish_at[t] <= target for t in self.tiers]
         if not any(fits):
-            return AutoChoice(None, "floor_too_slow", finish_at[self.tiers[-1]] - now)
+            floor = self.tiers[-1]
+            if finish_at[floor] > deadline:
+                return AutoChoice(None, "floor_too_slow", finish_at[floor] - now)
+            fits[-1] = True
         best = fits.index(True)
         choice = best
         if best < self.current:  # a more faithful tier fits again: only with room to spare, after a while
-            roomy = finish_at[self.tiers[best]] - now <= self.upgrade_margin * budget
+            roomy = finish_at[self.tiers[best]] - now <= self.upgrade_margin * self.target_share * budget
             choice = best if roomy and now - self.changed_at >= self.hold_s else self.current
             if not fits[choice]:
                 choice = best

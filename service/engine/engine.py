@@ -208,7 +208,9 @@ class Engine:
         if floor not in order:
             raise ModelLoadError(f"model {name!r}: auto.floor {floor!r} is not one of its tiers {order}")
         spec = loaded.spec.auto
-        self.auto[name] = AutoPolicy(order[: order.index(floor) + 1], spec.upgrade_margin, spec.hold_s)
+        self.auto[name] = AutoPolicy(
+            order[: order.index(floor) + 1], spec.upgrade_margin, spec.hold_s, spec.target_share
+        )
         self.auto_agreement[name] = DecayedMean()
 
     async def _device_call(self, fn: Callable[[], Any]) -> Any:
@@ -269,7 +271,11 @@ class Engine:
         return {"default_model": self.settings.default_model, "models": models}
 
     def state(self) -> State:
-        return State(self.ready, self.draining, self.speedups)
+        batch_ms = {
+            model: {tier: {b: s * 1000 for b, s in buckets.items()} for tier, buckets in tiers.items()}
+            for model, tiers in self.batch_seconds.items()
+        }
+        return State(self.ready, self.draining, self.speedups, batch_ms)
 
     def on_state(self, listener: Callable[[State], None]) -> None:
         self._state_listeners.append(listener)

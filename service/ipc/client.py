@@ -33,7 +33,7 @@ class EngineClient:
         self.socket_path = socket_path
         self.frontend_id = frontend_id
         self.description: dict[str, Any] = {}
-        self.state = State(ready=False, draining=False, speedups={})
+        self.state = State(ready=False, draining=False, speedups={}, batch_ms={})
         self.connected = False
         self._ids = itertools.count(1)
         self._pending: dict[int, tuple[asyncio.Future[Result | Reject], Callable[[], None]]] = {}

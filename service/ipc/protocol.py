@@ -53,6 +53,7 @@ class State(NamedTuple):
     ready: bool
     draining: bool
     speedups: dict[str, dict[str, float]]  # model -> tier -> measured speedup over exact
+    batch_ms: dict[str, dict[str, dict[int, float]]]  # model -> tier -> batch size -> ms, at warm-up
 
 
 class ImageOutcome(NamedTuple):

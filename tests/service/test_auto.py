@@ -7,7 +7,7 @@ import time
 
 import pytest
 
-from service.engine.auto import AutoPolicy, BatchTimes, DecayedMean, faithful_order
+from service.engine.auto import EWMA_WEIGHT, AutoPolicy, BatchTimes, DecayedMean, faithful_order
 
 from .conftest import image_bytes, metric_value
 
@@ -21,26 +21,28 @@ def test_batch_times_start_from_warm_up_and_follow_live_batches() -> None:
     assert times.batch("exact", 2) == pytest.approx(0.020)  # nearest measured bucket (1), scaled by size
     assert times.batch("unknown", 4) == 0.0
     times.observe("exact", 8, 0.080)
-    assert times.batch("exact", 8) == pytest.approx(0.8 * 0.040 + 0.2 * 0.080)
+    assert times.batch("exact", 8) == pytest.approx((1 - EWMA_WEIGHT) * 0.040 + EWMA_WEIGHT * 0.080)
     assert times.drain("exact", 20) == pytest.approx(2 * times.batch("exact", 8) + times.batch("exact", 4))
     assert times.drain("exact", 0) == 0.0
 
 
 def test_auto_takes_the_most_faithful_tier_that_fits() -> None:
-    policy = AutoPolicy(["exact", "fast", "fastest"], hold_s=0)
+    """Fitting means answering within target_share (0.5) of the budget; the floor may use all of it."""
+    policy = AutoPolicy(["exact", "fast", "fastest"], hold_s=0, target_share=0.5)
     now = 100.0
     choice = policy.choose({"exact": 100.5, "fast": 100.3, "fastest": 100.2}, deadline=101.0, now=now)
     assert (choice.tier, choice.reason) == ("exact", "fits")
-    choice = policy.choose({"exact": 101.5, "fast": 100.8, "fastest": 100.4}, deadline=101.0, now=now)
+    choice = policy.choose({"exact": 100.8, "fast": 100.4, "fastest": 100.2}, deadline=101.0, now=now)
     assert (choice.tier, choice.reason) == ("fast", "deadline")
+    choice = policy.choose({"exact": 101.5, "fast": 100.9, "fastest": 100.7}, deadline=101.0, now=now)
+    assert (choice.tier, choice.reason) == ("fastest", "deadline")  # nothing within half: the floor, in time
     choice = policy.choose({"exact": 103, "fast": 102, "fastest": 101.5}, deadline=101.0, now=now)
     assert choice.tier is None and choice.reason == "floor_too_slow"
 
 
 def test_auto_does_not_flap_back_to_a_faithful_tier_at_once() -> None:
-    policy = AutoPolicy(["exact", "fastest"], upgrade_margin=0.5, hold_s=2.0)
-    budget = {"deadline": 11.0}
-    assert policy.choose({"exact": 12.0, "fastest": 10.5}, budget["deadline"], now=10.0).tier == "fastest"
+    policy = AutoPolicy(["exact", "fastest"], upgrade_margin=0.5, hold_s=2.0, target_share=1.0)
+    assert policy.choose({"exact": 12.0, "fastest": 10.5}, deadline=11.0, now=10.0).tier == "fastest"
     # exact fits again, but only just (0.9 of the 1 s budget): stay degraded
     assert policy.choose({"exact": 10.9, "fastest": 10.3}, deadline=11.0, now=10.0).tier == "fastest"
     # roomy (0.3 of the budget) but the last change is under hold_s old: stay

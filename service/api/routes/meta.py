@@ -12,7 +12,7 @@ router = APIRouter()
 
 @router.get("/tiers", summary="Tiers of every model", response_model=dict[str, ModelTiers])
 async def tiers(frontend: FrontendDep) -> dict[str, ModelTiers]:
-    speedups = frontend.engine.state.speedups
+    speedups, batch_ms = frontend.engine.state.speedups, frontend.engine.state.batch_ms
     out = {}
     for name, served in frontend.models.items():
         measured = speedups.get(name, {})
@@ -28,6 +28,7 @@ async def tiers(frontend: FrontendDep) -> dict[str, ModelTiers]:
                     tokens_after_last_block=t["tokens_after_last_block"],
                     gflops=t["gflops"],
                     speedup_vs_exact=measured.get(t["name"]),
+                    batch_ms=batch_ms.get(name, {}).get(t["name"]),
                 )
                 for t in served.tiers.values()
             ],
