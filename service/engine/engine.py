@@ -212,6 +212,7 @@ class Engine:
             order[: order.index(floor) + 1], spec.upgrade_margin, spec.hold_s, spec.target_share
         )
         self.auto_agreement[name] = DecayedMean()
+        self.metrics.init_auto(name, self.auto[name].tiers)
 
     async def _device_call(self, fn: Callable[[], Any]) -> Any:
         assert self.threads is not None

@@ -163,6 +163,10 @@ class EngineMetrics:
         series.depth.set(0)
         return series
 
+    def init_auto(self, model: str, tiers: list[str]) -> None:
+        for tier in tiers:
+            self.auto_decisions.labels(model=model, tier=tier, reason="fits")
+
     def init_shadow(self, model: str, tier: str) -> None:
         for counter in (self.shadow_checks, self.shadow_agreements, self.shadow_dropped):
             counter.labels(model=model, tier=tier)

@@ -42,6 +42,7 @@ model_kwargs = {{ img_size = {img_size}, depth = {depth} }}
 {batching}
 [limits]
 deadline_ms = 30000
+max_files = 2
 """
     )
     return path
