@@ -18,7 +18,7 @@ from .candidates import Candidate, dedupe, default_candidates
 from .images import ImageSet, Preprocess, TimmEvalPreprocess
 from .measure import Predictions, device_and_dtype, time_schedules, timing_batch
 from .record import Calibration, ImageInfo, ModelInfo, RunInfo, ScheduleRecord, Speedup
-from .search import SearchConfig, greedy_search, matched_to
+from .search import SearchConfig, better_than, greedy_search
 from .stats import CONFIDENCE, Rate
 
 
@@ -40,14 +40,16 @@ def searched_candidates(
     targets: Sequence[Candidate],
     progress: bool,
 ) -> tuple[list[Candidate], list[dict]]:
-    """Search on ``pixels``; keep, for every target, the least-merging path step at most as costly
-    (``search@<target name>``). Also returns the whole path, for the record."""
+    """Search on ``pixels``; for every target, the least-merging path step at most as costly, kept if it
+    diverges less from r=0 than the target on ``pixels`` (``search@<target name>``). Also returns the
+    whole path, for the record."""
     path = greedy_search(model, pixels, config, progress=progress)
-    found = []
-    for target in targets:
-        step = matched_to(path, model.schedule_info(list(target.r_per_block)).gflops)
-        if step is not None:
-            found.append(Candidate(f"search@{target.name}", "searched", step.r_per_block))
+    steps = better_than(model, pixels, path, [t.r_per_block for t in targets], config)
+    found = [
+        Candidate(f"search@{target.name}", "searched", step.r_per_block)
+        for target, step in zip(targets, steps, strict=True)
+        if step is not None
+    ]
     return found, [asdict(step) for step in path]
 
 
@@ -121,35 +123,10 @@ def calibrate(
                 accuracy=accuracy,
             )
         )
-    info0 = model.schedule_info(0)
-    notes = {}
-    if search is not None:
-        notes["search"] = {"config": asdict(search), "path": path}
+    notes = {} if search is None else {"search": {"config": asdict(search), "path": path}}
     return Calibration(
-        model=ModelInfo(
-            architecture=architecture,
-            weights_sha256=weights_sha256,
-            input_size=tuple(pixels.shape[1:]),
-            num_classes=num_classes,
-            prop_attn=model.prop_attn,
-            float32_merge=model.merge_dtype is not None,
-            depth=model.depth,
-            tokens_in=info0.tokens_in,
-            protected_tokens=model.num_prefix_tokens,
-        ),
-        run=RunInfo(
-            device_type=device.type,
-            device_name=device_name(device),
-            dtype=str(dtype).removeprefix("torch."),
-            batch_size=batch_size,
-            threads=torch.get_num_threads(),
-            torch_version=torch.__version__,
-            timm_version=timm.__version__,
-            timing_rounds=timing_rounds,
-            confidence=confidence,
-            interval="wilson",
-            created=datetime.now(UTC).isoformat(timespec="seconds"),
-        ),
+        model=_model_info(model, architecture, weights_sha256, tuple(pixels.shape[1:])),
+        run=_run_info(device, dtype, batch_size, timing_rounds, confidence),
         images=ImageInfo(
             source=str(images.root),
             count=len(measured),
@@ -161,6 +138,40 @@ def calibrate(
         ),
         schedules=tuple(records),
         notes=notes,
+    )
+
+
+def _model_info(
+    model: tome.ToMeVisionTransformer, architecture: str, weights_sha256: str | None, input_size: tuple
+) -> ModelInfo:
+    return ModelInfo(
+        architecture=architecture,
+        weights_sha256=weights_sha256,
+        input_size=input_size,
+        num_classes=int(model.vit.num_classes),
+        prop_attn=model.prop_attn,
+        float32_merge=model.merge_dtype is not None,
+        depth=model.depth,
+        tokens_in=model.schedule_info(0).tokens_in,
+        protected_tokens=model.num_prefix_tokens,
+    )
+
+
+def _run_info(
+    device: torch.device, dtype: torch.dtype, batch_size: int, timing_rounds: int, confidence: float
+) -> RunInfo:
+    return RunInfo(
+        device_type=device.type,
+        device_name=device_name(device),
+        dtype=str(dtype).removeprefix("torch."),
+        batch_size=batch_size,
+        threads=torch.get_num_threads(),
+        torch_version=torch.__version__,
+        timm_version=timm.__version__,
+        timing_rounds=timing_rounds,
+        confidence=confidence,
+        interval="wilson",
+        created=datetime.now(UTC).isoformat(timespec="seconds"),
     )
 
 

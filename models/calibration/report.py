@@ -18,11 +18,16 @@ KIND_STYLE = {
 }
 
 
-def pareto_front(schedules: Sequence[ScheduleRecord]) -> list[ScheduleRecord]:
-    """Schedules no other one beats on both median speedup and agreement, fastest first."""
+def pareto_front(schedules: Sequence[ScheduleRecord], field: str = "agreement") -> list[ScheduleRecord]:
+    """Schedules no other one beats on both median speedup and ``field`` (agreement or accuracy),
+    fastest first."""
+
+    def rate(s: ScheduleRecord) -> float:
+        return getattr(s, field).rate
+
     front: list[ScheduleRecord] = []
-    for s in sorted(schedules, key=lambda s: (-s.speedup.median, -s.agreement.rate)):
-        if not front or s.agreement.rate > front[-1].agreement.rate:
+    for s in sorted(schedules, key=lambda s: (-s.speedup.median, -rate(s))):
+        if not front or rate(s) > rate(front[-1]):
             front.append(s)
     return front
 
@@ -70,7 +75,8 @@ def plot(calibration: Calibration, path: Path, tiers: Mapping[str, str] | None =
     """Speedup vs agreement (and vs top-1 when labelled) for every schedule, Pareto front, tiers marked.
 
     ``tiers`` maps a tier name to the schedule name it uses. Error bars: 95% interval of the rate
-    (vertical) and min-max speedup over the timing rounds (horizontal).
+    (the min-max speedup over rounds is in the table: on a shared machine one stalled round makes it
+    too wide to be worth drawing).
     """
     panels = [("agreement", "top-1 agreement with r=0 (%)")]
     if calibration.images.labels:
@@ -96,53 +102,49 @@ def _panel(ax: Axes, calibration: Calibration, field: str, label: str, tiers: Ma
         ax.errorbar(
             x,
             y,
-            xerr=[
-                [s.speedup.median - s.speedup.min for s in group],
-                [s.speedup.max - s.speedup.median for s in group],
-            ],
             yerr=[[100 * (r.rate - r.ci_low) for r in rates], [100 * (r.ci_high - r.rate) for r in rates]],
             fmt=style["marker"],
             color=style["color"],
-            ecolor=style["color"],
             elinewidth=0.8,
             alpha=0.75,
             capsize=2,
             label=f"{kind} ({len(group)})",
         )
-        if kind == "constant":
-            for s, yy in zip(group, y, strict=True):
-                ax.annotate(
-                    s.name, (s.speedup.median, yy), textcoords="offset points", xytext=(4, -10), fontsize=7
-                )
-    front = sorted(pareto_front(schedules), key=lambda s: s.speedup.median)
+        for s, yy in zip(group, y, strict=True):  # searched ones as "@r8": found at r8's GFLOPs
+            text = s.name.removeprefix("search")
+            ax.annotate(
+                text, (s.speedup.median, yy), textcoords="offset points", xytext=(4, -9), fontsize=6.5
+            )
+    front = sorted(pareto_front(schedules, field), key=lambda s: s.speedup.median)
     ax.plot(
         [s.speedup.median for s in front],
         [100 * getattr(s, field).rate for s in front],
         "-",
         color="0.3",
         linewidth=1,
-        label="Pareto front (speedup, agreement)",
+        label="Pareto front",
     )
     by_name = {s.name: s for s in schedules}
+    tiers_of: dict[str, list[str]] = {}
     for tier, name in tiers.items():
+        tiers_of.setdefault(name, []).append(tier)
+    for i, (name, names) in enumerate(tiers_of.items()):
         s = by_name[name]
         y = 100 * getattr(s, field).rate
         ax.scatter(
             [s.speedup.median], [y], s=220, facecolors="none", edgecolors="crimson", linewidths=1.8, zorder=5
         )
         ax.annotate(
-            f"{tier}: {name}",
+            f"{', '.join(names)}: {name}",
             (s.speedup.median, y),
             textcoords="offset points",
-            xytext=(10, 12),
+            xytext=(12, 14 + 10 * (i % 2)),
             fontsize=9,
             color="crimson",
             weight="bold",
             arrowprops={"arrowstyle": "-", "color": "crimson", "lw": 0.8},
         )
-    ax.set_xlabel(
-        f"measured speedup over r=0 (median of {calibration.run.timing_rounds} rounds, min-max bars)"
-    )
+    ax.set_xlabel(f"measured speedup over r=0 (median of {calibration.run.timing_rounds} interleaved rounds)")
     ax.set_ylabel(f"{label}, 95% Wilson interval, n={calibration.images.count}")
     ax.grid(True, alpha=0.3)
     ax.legend(loc="lower left", fontsize=8)

@@ -14,6 +14,9 @@ only when the outputs match. The path of kept schedules spans speeds from r=0 to
 Each try changes one block, so the blocks before it run as they did for the current schedule: their
 outputs are cached and every try restarts from the changed block (about half the work of a full run).
 Deterministic: no randomness, ties go to the earlier block.
+
+``better_than`` picks, for a plain schedule (e.g. constant r), the path step at most as costly, and
+keeps it only if it diverges less than that schedule on the search images.
 """
 
 from __future__ import annotations
@@ -49,12 +52,8 @@ class SearchStep:
     agreement: float  # top-1 agreement with r=0 on the search images
 
 
-@dataclass
-class _State:
-    """Block inputs of one schedule: ``inputs[b]`` = (tokens, sizes) entering block ``b``."""
-
-    schedule: list[int]
-    inputs: list[tuple[torch.Tensor, torch.Tensor | None]]
+BlockInputs = list[tuple[torch.Tensor, torch.Tensor | None]]
+"""What enters each block under one schedule: ``inputs[b]`` = (tokens, sizes) entering block ``b``."""
 
 
 class _StagedModel:
@@ -72,20 +71,23 @@ class _StagedModel:
             x = pixels.to(device=device, dtype=dtype)
             self.stem = vit.norm_pre(vit.patch_drop(vit._pos_embed(vit.patch_embed(x))))
 
-    def run(self, schedule: Sequence[int], start: int, state: _State | None) -> tuple[torch.Tensor, _State]:
-        """Logits (float32) of ``schedule``, reusing ``state``'s block inputs up to block ``start``."""
+    def run(
+        self, schedule: Sequence[int], start: int, cached: BlockInputs | None
+    ) -> tuple[torch.Tensor, BlockInputs]:
+        """Logits (float32) of ``schedule`` and its block inputs, reusing ``cached`` up to block ``start``
+        (``cached`` must come from a schedule equal to this one before ``start``)."""
         model = self.model
-        if state is None or start == 0:
+        if cached is None or start == 0:
             x, size, inputs = self.stem, None, []
         else:
-            x, size = state.inputs[start]
-            inputs = list(state.inputs[:start])
+            x, size = cached[start]
+            inputs = cached[:start]
         with torch.inference_mode():
             for b in range(start, model.depth):
                 inputs.append((x, size))
                 x, size, _ = model._block_forward(model.vit.blocks[b], x, size, None, schedule[b])
             logits = model._head(model.vit.norm(x), size).float()
-        return logits, _State(list(schedule), inputs)
+        return logits, inputs
 
 
 def _kl_from(reference: torch.Tensor):
@@ -169,23 +171,54 @@ def greedy_search(
                     last_score[block] = math.inf
                     continue
                 moved, schedule, g = move
-                logits, _ = staged.run(schedule, block, state)
+                logits, inputs = staged.run(schedule, block, state)
                 divergence = kl(logits)
                 score = (divergence - current_kl) / (current_g - g)
                 last_score[block] = score
                 if best is None or score < best[0]:
-                    best = (score, block, moved, schedule, g, divergence, logits)
+                    best = (score, moved, schedule, g, divergence, logits, inputs)
             if best is None:
                 break
-            _, block, point, current, g, current_kl, logits = best
+            _, point, current, g, current_kl, logits, state = best
             bar.update(round(current_g - g, 4))
             current_g = g
-            _, state = staged.run(current, block, state)
             agreement = (logits.argmax(dim=-1) == top1_ref).float().mean().item()
             path.append(SearchStep(current, current_g, current_kl, agreement))
     return path
 
 
-def matched_to(path: Sequence[SearchStep], gflops: float) -> SearchStep | None:
+def divergences(
+    model: tome.ToMeVisionTransformer,
+    pixels: torch.Tensor,
+    schedules: Sequence[Schedule],
+    config: SearchConfig,
+) -> list[float]:
+    """Mean KL(p_r0 || p) of each schedule on the search images (the search's own objective)."""
+    staged = _StagedModel(model, pixels[: config.max_images])
+    reference, _ = staged.run((0,) * model.depth, 0, None)
+    kl = _kl_from(reference)
+    return [kl(staged.run(schedule, 0, None)[0]) for schedule in schedules]
+
+
+def better_than(
+    model: tome.ToMeVisionTransformer,
+    pixels: torch.Tensor,
+    path: Sequence[SearchStep],
+    targets: Sequence[Schedule],
+    config: SearchConfig,
+) -> list[SearchStep | None]:
+    """For each target schedule, the least-merging path step at most as costly in GFLOPs, if it diverges
+    less from r=0 than the target on the search images; else None (the target is the better schedule).
+
+    The greedy path can lose to a plain schedule where it committed early to merges that later hurt;
+    this keeps the search from proposing a schedule its own images say is worse than the one it matches.
+    """
+    steps = [_matched_to(path, model.schedule_info(list(t)).gflops) for t in targets]
+    matched = [t for t, step in zip(targets, steps, strict=True) if step is not None]
+    target_kl = iter(divergences(model, pixels, matched, config))
+    return [step if step is not None and step.kl < next(target_kl) else None for step in steps]
+
+
+def _matched_to(path: Sequence[SearchStep], gflops: float) -> SearchStep | None:
     """The first (least merging) path step at least as cheap as ``gflops``, or None."""
     return next((step for step in path if step.gflops <= gflops * (1 + 1e-9)), None)
