@@ -7,7 +7,7 @@ and returns a ``Calibration`` (saved as versioned JSON). ``resolve`` picks a sch
 """
 
 from .calibrate import calibrate
-from .candidates import Candidate, constant, dedupe, default_candidates, inflected
+from .candidates import Candidate, constant, dedupe, default_candidates, inflected, unprotected_tokens
 from .compare import SearchComparison, compare_search, format_comparison
 from .defaults import Budget, default_budgets, default_tier_schedules, resolve_tiers
 from .images import ImageSet, Preprocess, TimmEvalPreprocess, imagenet_class_index, parse_label
@@ -64,5 +64,6 @@ __all__ = [
     "plot",
     "resolve",
     "resolve_tiers",
+    "unprotected_tokens",
     "weights_sha256",
 ]

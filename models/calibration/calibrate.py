@@ -16,7 +16,7 @@ from models import tome
 
 from .candidates import Candidate, dedupe, default_candidates
 from .images import ImageSet, Preprocess, TimmEvalPreprocess
-from .measure import Predictions, device_and_dtype, time_schedules, timing_batch
+from .measure import device_and_dtype, predict, time_schedules, timing_batch
 from .record import Calibration, ImageInfo, ModelInfo, RunInfo, ScheduleRecord, Speedup
 from .search import SearchConfig, better_than, greedy_search
 from .stats import CONFIDENCE, Rate
@@ -98,7 +98,7 @@ def calibrate(
     if labels is not None and int(labels.max()) >= num_classes:
         raise ValueError(f"a label is {int(labels.max())} but the model has {num_classes} classes")
 
-    rates = _rates(Predictions(model, pixels, batch_size), candidates, labels, confidence, progress)
+    rates = _rates(model, pixels, batch_size, candidates, labels, confidence, progress)
     timed = [c for c in candidates if not c.is_exact]
     batch = timing_batch(pixels, batch_size)
     schedules = [c.r_per_block for c in timed]
@@ -176,17 +176,19 @@ def _run_info(
 
 
 def _rates(
-    predictions: Predictions,
+    model: tome.ToMeVisionTransformer,
+    pixels: torch.Tensor,
+    batch_size: int,
     candidates: Sequence[Candidate],
     labels: torch.Tensor | None,
     confidence: float,
     progress: bool,
 ) -> dict[tuple[int, ...], tuple[Rate, Rate | None]]:
     """Agreement with r=0 and accuracy (None without labels) of every candidate."""
-    reference = predictions.top1(tuple([0] * predictions.model.depth))
+    reference = predict(model, pixels, (0,) * model.depth, batch_size).argmax(dim=-1)
     rates = {}
     for c in tqdm(candidates, desc="schedules", disable=not progress, leave=False):
-        top1 = predictions.top1(c.r_per_block)
+        top1 = reference if c.is_exact else predict(model, pixels, c.r_per_block, batch_size).argmax(dim=-1)
         n = len(top1)
         agreement = Rate.measure(int((top1 == reference).sum()), n, confidence)
         accuracy = None if labels is None else Rate.measure(int((top1 == labels).sum()), n, confidence)

@@ -35,24 +35,6 @@ def predict(
     return torch.cat(out)
 
 
-class Predictions:
-    """Logits per schedule on one image tensor, computed once each."""
-
-    def __init__(self, model: tome.ToMeVisionTransformer, pixels: torch.Tensor, batch_size: int) -> None:
-        self.model = model
-        self.pixels = pixels
-        self.batch_size = batch_size
-        self._logits: dict[Schedule, torch.Tensor] = {}
-
-    def logits(self, schedule: Schedule) -> torch.Tensor:
-        if schedule not in self._logits:
-            self._logits[schedule] = predict(self.model, self.pixels, schedule, self.batch_size)
-        return self._logits[schedule]
-
-    def top1(self, schedule: Schedule) -> torch.Tensor:
-        return self.logits(schedule).argmax(dim=-1)
-
-
 @dataclass(frozen=True)
 class Timing:
     speedup: Speedup

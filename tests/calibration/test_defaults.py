@@ -1,11 +1,10 @@
 """Uncalibrated default tiers on the real ViT-Ti and the 200 shared photos: none may cost more than
-6 top-1 points against r=0 (the old decreasing ``fastest`` tier cost 25)."""
+6 top-1 points against r=0 (the former decreasing ``fastest`` tier, (16, -1), cost 29.5: 86.0% -> 56.5%)."""
 
 from __future__ import annotations
 
 from models import tome
-from models.calibration import ImageSet, default_tier_schedules
-from models.calibration.candidates import unprotected_tokens
+from models.calibration import ImageSet, default_tier_schedules, unprotected_tokens
 from models.calibration.measure import predict
 
 MAX_TOP1_LOSS_POINTS = 6.0
