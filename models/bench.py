@@ -19,7 +19,7 @@ import timm
 import torch
 
 from models import tome
-from models.timing import time_call
+from models.timing import interleaved_times
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 DEFAULT_SCHEDULES = "0,4,8,13,16,16:-1"
@@ -64,14 +64,8 @@ def run(args: argparse.Namespace) -> list[Row]:
     for r in schedules:
         variants.append(("tome", str(r), lambda r=r: model(x, r=r), model.schedule_info(r)))
 
-    times: dict[int, list[float]] = {i: [] for i in range(len(variants))}
     with torch.inference_mode():
-        for _, _, fn, _ in variants:
-            for _ in range(args.warmup):
-                time_call(fn, device)
-        for _ in range(args.runs):
-            for i, (_, _, fn, _) in enumerate(variants):
-                times[i].append(time_call(fn, device))
+        times = interleaved_times([fn for _, _, fn, _ in variants], device, args.warmup, args.runs)
 
     stock_s = statistics.median(times[0])
     stock_gflops = variants[0][3].gflops

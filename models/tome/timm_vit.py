@@ -76,11 +76,13 @@ def check_supported(vit: nn.Module) -> None:
 class ToMeVisionTransformer(nn.Module):
     """A timm ViT that merges ``r`` tokens per block; ``r`` is chosen per call."""
 
-    def __init__(self, vit: VisionTransformer, prop_attn: bool = True) -> None:
+    def __init__(self, vit: VisionTransformer, prop_attn: bool = True, float32_merge: bool = True) -> None:
         super().__init__()
         check_supported(vit)
         self.vit = vit
         self.prop_attn = prop_attn
+        # similarity and weighted average in float32 even in a bf16/fp16 model (see merge.py)
+        self.merge_dtype: torch.dtype | None = torch.float32 if float32_merge else None
         self.num_prefix_tokens = int(vit.num_prefix_tokens)
         self.depth = len(vit.blocks)
 
@@ -151,11 +153,12 @@ class ToMeVisionTransformer(nn.Module):
         x = x + block.drop_path1(block.ls1(attn_out))
         if r > 0:
             # Merge between the attention and MLP branches; similarity = keys averaged over heads.
-            matching = bipartite_soft_matching(keys.mean(dim=1), r, self.num_prefix_tokens)
+            metric = (keys if self.merge_dtype is None else keys.to(self.merge_dtype)).mean(dim=1)
+            matching = bipartite_soft_matching(metric, r, self.num_prefix_tokens, self.merge_dtype)
             if matching is not None:
                 if source is not None:
                     source = merge_source(matching, source)
-                x, size = merge_wavg(matching, x, size)
+                x, size = merge_wavg(matching, x, size, self.merge_dtype)
         x = x + block.drop_path2(block.ls2(block.mlp(block.norm2(x))))
         return x, size, source
 
@@ -223,10 +226,14 @@ def _head_macs(vit: VisionTransformer) -> int:
     return sum(_linear_macs(h) for h in heads if h is not None)
 
 
-def patch(vit: VisionTransformer, prop_attn: bool = True) -> ToMeVisionTransformer:
+def patch(
+    vit: VisionTransformer, prop_attn: bool = True, float32_merge: bool = True
+) -> ToMeVisionTransformer:
     """Wrap a timm ViT so that ``model(x, r=...)`` merges tokens; ``vit``'s weights are shared.
 
     ``prop_attn`` adds ``log(size)`` to the attention logits (needed for off-the-shelf supervised
-    models; the paper turns it off only for off-the-shelf MAE models).
+    models; the paper turns it off only for off-the-shelf MAE models). ``float32_merge`` computes the
+    token similarity and the size-weighted merge in float32 in a bf16/fp16 model (no effect in float32);
+    ``False`` keeps them in the model's dtype, as the official release does.
     """
-    return ToMeVisionTransformer(vit, prop_attn=prop_attn)
+    return ToMeVisionTransformer(vit, prop_attn=prop_attn, float32_merge=float32_merge)

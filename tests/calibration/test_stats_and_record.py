@@ -1,0 +1,63 @@
+"""Wilson intervals, the calibration file's round trip and schema check, the weights digest."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+from pathlib import Path
+
+import pytest
+
+from models.calibration import SCHEMA_VERSION, Calibration, Rate, weights_sha256
+from tests.calibration.fakes import make_calibration, record
+
+
+def _wilson(k: int, n: int, z: float = 1.959963984540054) -> tuple[float, float]:
+    """The textbook formula, only to check scipy's figures against."""
+    p = k / n
+    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
+    return centre - half, centre + half
+
+
+@pytest.mark.parametrize(("k", "n"), [(8, 10), (94, 100), (100, 100), (0, 7), (163, 200)])
+def test_rate_is_wilson(k: int, n: int) -> None:
+    rate = Rate.measure(k, n)
+    low, high = _wilson(k, n)
+    assert rate.rate == k / n
+    assert rate.ci_low == pytest.approx(low, abs=1e-9) and rate.ci_high == pytest.approx(high, abs=1e-9)
+    assert 0 <= rate.ci_low <= rate.rate <= rate.ci_high <= 1
+
+
+def test_rate_rejects_impossible_counts() -> None:
+    for k, n in [(3, 2), (-1, 5), (0, 0)]:
+        with pytest.raises(ValueError):
+            Rate.measure(k, n)
+
+
+def test_calibration_file_round_trip(tmp_path: Path) -> None:
+    cal = make_calibration([record("r0", (0, 0), 1.0, 100), record("s", (3, 1), 1.4, 97)])
+    path = tmp_path / "cal.json"
+    cal.save(path)
+    data = json.loads(path.read_text())
+    assert data["schema"] == "tome-serve/calibration" and data["version"] == SCHEMA_VERSION
+    assert data["schedules"][1]["agreement"]["ci_low"] == cal.schedules[1].agreement.ci_low
+    assert Calibration.load(path) == cal
+    assert cal.get("s").r_per_block == (3, 1)
+    with pytest.raises(KeyError):
+        cal.get("missing")
+
+
+@pytest.mark.parametrize("change", [{"version": SCHEMA_VERSION + 1}, {"schema": "something/else"}])
+def test_calibration_file_refuses_other_schemas(tmp_path: Path, change: dict) -> None:
+    data = {**make_calibration([record("r0", (0, 0), 1.0, 100)]).to_json(), **change}
+    with pytest.raises(ValueError, match="not a version"):
+        Calibration.from_json(data)
+
+
+def test_weights_sha256(tmp_path: Path) -> None:
+    path = tmp_path / "w.bin"
+    payload = bytes(range(256)) * 9000  # more than one read chunk
+    path.write_bytes(payload)
+    assert weights_sha256(path) == hashlib.sha256(payload).hexdigest()
