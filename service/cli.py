@@ -1,5 +1,7 @@
 """``tome-serve``: validate the settings, then run the supervisor (engine + front-ends) on one port.
 
+``tome-serve calibrate ...`` measures a model's tiers on your images instead (service/calibrate.py).
+
 The first SIGTERM/SIGINT drains: /readyz turns 503, new classify requests get 503, every admitted
 request is answered, then every process exits. A second signal exits at once.
 """
@@ -37,6 +39,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["calibrate"]:
+        from .calibrate import main as calibrate  # torch and timm: only for this command
+
+        return calibrate(argv[1:])
     args = parse_args(argv)
     configure_logging("supervisor", args.log_level)
     try:

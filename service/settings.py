@@ -34,16 +34,30 @@ class _Strict(BaseModel):
 
 
 class TierSpec(_Strict):
-    """One named ToMe schedule: ``r`` (int or per-block list), optionally with an inflection.
+    """One named tier: an explicit ToMe schedule, or a budget resolved from the model's calibration file.
 
-    ``{r = 16, inflection = -1}`` is the paper's decreasing schedule; ``{r = 13}`` is constant.
+    Explicit: ``r`` (int or per-block list), optionally with an inflection: ``{r = 13}`` is constant,
+    ``{r = 16, inflection = -1}`` the paper's decreasing schedule. By budget (needs ``calibration`` on the
+    model): ``{max_agreement_loss = 0.03}`` is the fastest calibrated schedule whose top-1 agrees with
+    r=0 on at least 97% of images (the lower end of its 95% interval); ``{min_speedup = 1.5}`` the most
+    faithful one measured at least 1.5x faster than r=0.
     """
 
     r: int | list[int] = 0
     inflection: float | None = None
+    max_agreement_loss: float | None = Field(None, ge=0, le=1)
+    min_speedup: float | None = Field(None, gt=0)
+
+    @property
+    def by_budget(self) -> bool:
+        return self.max_agreement_loss is not None or self.min_speedup is not None
 
     @model_validator(mode="after")
     def _check(self) -> TierSpec:
+        if self.max_agreement_loss is not None and self.min_speedup is not None:
+            raise ValueError("a tier has one budget: max_agreement_loss or min_speedup, not both")
+        if self.by_budget and {"r", "inflection"} & self.model_fields_set:
+            raise ValueError("a tier is either an explicit r schedule or a budget, not both")
         if self.inflection is not None and not isinstance(self.r, int):
             raise ValueError("inflection needs an int r, not a per-block list")
         values = [self.r] if isinstance(self.r, int) else self.r
@@ -114,6 +128,17 @@ class ModelSpec(_Strict):
     default_tier: str = "balanced"
     allow_raw_r: bool = Field(False, description="accept ?r=<int> within the model's valid range")
     auto: AutoSpec = Field(default_factory=AutoSpec)
+    calibration: Path | None = Field(
+        None,
+        description="calibration file from `tome-serve calibrate`: tiers by budget resolve against it, and "
+        "every tier it measured reports its agreement with r=0. Default tiers then are budgets",
+    )
+    on_calibration_mismatch: Literal["refuse", "ignore"] = Field(
+        "refuse",
+        description="a calibration file made for other weights, image size, dtype or device: refuse to "
+        "start (one line saying what differs), or start without it (logged; /tiers marks every tier "
+        "uncalibrated and budget tiers fall back to the uncalibrated defaults of the same name)",
+    )
 
     @field_validator("tiers")
     @classmethod

@@ -113,6 +113,30 @@ class ClassifyResponse(BaseModel):
     results: list[ImageResult] | None = Field(None, description="multi-image requests, in upload order")
 
 
+class MeasuredRate(BaseModel):
+    """``count`` of ``n`` calibration images, the rate and its two-sided 95% Wilson interval."""
+
+    rate: float
+    ci_low: float
+    ci_high: float
+    count: int
+    n: int
+
+
+class CalibrationInfo(BaseModel):
+    """Where and how a model's tiers were calibrated (``tome-serve calibrate``)."""
+
+    file: str | None = None
+    device: str | None = None
+    dtype: str | None = None
+    batch_size: int | None = None
+    images: int | None = None
+    labels: bool | None = None
+    confidence: float | None = None
+    created: str | None = None
+    ignored: str | None = Field(None, description="why a configured calibration file was not used")
+
+
 class TierDescription(BaseModel):
     name: str
     schedule: str
@@ -123,9 +147,24 @@ class TierDescription(BaseModel):
     batch_ms: dict[int, float] | None = Field(
         None, description="ms per batch on this device, by batch size, measured at warm-up; null before"
     )
+    calibrated: bool = Field(False, description="the model's calibration measured this tier's schedule")
+    budget: dict[str, float] | None = Field(
+        None, description="the declared budget, for a tier declared by one"
+    )
+    agreement_with_exact: MeasuredRate | None = Field(
+        None, description="calibrated share of images whose top-1 equals r=0's (the tier's promise)"
+    )
+    top1_accuracy: MeasuredRate | None = Field(
+        None, description="calibrated top-1, when the images had labels"
+    )
+    calibrated_speedup: float | None = Field(
+        None, description="median speedup over r=0 measured by the calibration (its device and batch size)"
+    )
+    calibrated_schedule: str | None = Field(None, description="the calibration's name for this schedule")
 
 
 class ModelTiers(BaseModel):
+    calibration: CalibrationInfo | None = Field(None, description="null: uncalibrated (no file configured)")
     default_tier: str
     raw_r_allowed: bool
     raw_r_max: int

@@ -86,12 +86,36 @@ def check_space(rundir: RunDir, layout: SlotLayout, model: str) -> None:
 
 
 def _describe_tier(tier: Tier) -> dict[str, Any]:
+    record = tier.calibration
     return {
         "name": tier.name,
         "schedule": tier.describe_schedule(),
         "r_per_block": list(tier.info.r_per_block),
         "tokens_after_last_block": tier.info.tokens_after_block[-1],
         "gflops": tier.info.gflops,
+        "budget": tier.budget,
+        "calibrated": record is not None,
+        "agreement_with_exact": None if record is None else record.agreement.__dict__,
+        "top1_accuracy": None if record is None or record.accuracy is None else record.accuracy.__dict__,
+        "calibrated_speedup": None if record is None else record.speedup.median,
+        "calibrated_schedule": None if record is None else record.name,
+    }
+
+
+def _describe_calibration(loaded: LoadedModel) -> dict[str, Any] | None:
+    """Where and how the model's calibration was measured (or why a configured one was ignored)."""
+    if loaded.calibration is None:
+        return None if loaded.calibration_ignored is None else {"ignored": loaded.calibration_ignored}
+    cal = loaded.calibration
+    return {
+        "file": str(loaded.spec.calibration),
+        "device": f"{cal.run.device_type} ({cal.run.device_name})",
+        "dtype": cal.run.dtype,
+        "batch_size": cal.run.batch_size,
+        "images": cal.images.count,
+        "labels": cal.images.labels,
+        "confidence": cal.run.confidence,
+        "created": cal.run.created,
     }
 
 
@@ -143,10 +167,16 @@ class Engine:
                 loaded, slots, self.threads, b.max_batch_size, top_k, b.cuda_graphs, b.pipeline_depth
             )
             self.models[spec.name] = loaded
+            self.agreements[spec.name] = {
+                t.name: t.calibration.agreement.rate
+                for t in loaded.tiers.values()
+                if t.calibration is not None
+            }
             self._set_up_auto(spec.name, loaded)
             self.layouts[spec.name] = layout
             self.labels[spec.name] = list(class_names(loaded.num_classes))
             for tier in loaded.tiers.values():
+                self._export_calibration(spec.name, tier)
                 self.metrics.tier_info.labels(
                     model=spec.name, tier=tier.name, schedule=tier.describe_schedule()
                 ).set(1)
@@ -198,6 +228,19 @@ class Engine:
         self.ready = True
         self.metrics.engine_ready.set(1)
         self._publish()
+
+    def _export_calibration(self, model: str, tier: Tier) -> None:
+        record = tier.calibration
+        if record is None:
+            return
+        labels = {"model": model, "tier": tier.name}
+        m = self.metrics
+        m.tier_agreement.labels(**labels).set(record.agreement.rate)
+        m.tier_agreement_low.labels(**labels).set(record.agreement.ci_low)
+        m.tier_agreement_high.labels(**labels).set(record.agreement.ci_high)
+        m.tier_calibrated_speedup.labels(**labels).set(record.speedup.median)
+        if record.accuracy is not None:
+            m.tier_accuracy.labels(**labels).set(record.accuracy.rate)
 
     def _set_up_auto(self, name: str, loaded: LoadedModel) -> None:
         """tier=auto's order of tiers, most faithful first down to the floor (at load: front-ends see it)."""
@@ -257,6 +300,7 @@ class Engine:
                     else None,
                     "raw_r_max": max_raw_r(m.model),
                     "tiers": [_describe_tier(t) for t in m.tiers.values()],
+                    "calibration": _describe_calibration(m),
                     "raw_tiers": [
                         {"r": r, **_describe_tier(raw_r_tier(m.model, r))}
                         for r in (range(max_raw_r(m.model) + 1) if m.spec.allow_raw_r else [])

@@ -11,10 +11,12 @@ import timm
 import torch
 
 from models import tome
+from models.calibration import Calibration
 from models.timm_data import model_data_config
 
-from ..settings import ModelSpec
-from .tiers import Tier, build_tiers
+from ..settings import ModelSpec, TierSpec
+from .calibration import load_for
+from .tiers import Tier, build_tiers, default_tier_specs
 
 log = logging.getLogger(__name__)
 
@@ -38,6 +40,8 @@ class LoadedModel:
     num_classes: int
     data_config: dict[str, Any]
     tiers: dict[str, Tier]
+    calibration: Calibration | None = None  # the model's calibration file, when it applies
+    calibration_ignored: str | None = None  # why a configured calibration file was not used
 
     @property
     def input_size(self) -> tuple[int, int, int]:
@@ -108,8 +112,16 @@ def load_model(spec: ModelSpec, device: torch.device) -> LoadedModel:
         raise ModelLoadError(f"model {spec.name!r}: {e}") from e
     dtype = getattr(torch, spec.dtype) if device.type == "cuda" else torch.float32
     model = model.eval().to(device=device, dtype=dtype)
+    data_config = model_data_config(vit)
     try:
-        tiers = build_tiers(model, spec.tiers)
+        calibration, ignored = load_for(spec, model, tuple(data_config["input_size"]), device, dtype)
+    except ValueError as e:  # CalibrationMismatch included: one line saying what differs
+        raise ModelLoadError(f"model {spec.name!r}: {e}") from e
+    specs = spec.tiers
+    if ignored is not None and specs is not None:  # budgets cannot resolve: the uncalibrated defaults
+        specs = _without_budgets(spec.name, specs, default_tier_specs(model, calibrated=False))
+    try:
+        tiers = build_tiers(model, specs, calibration)
     except (ValueError, TypeError) as e:
         raise ModelLoadError(f"model {spec.name!r}: bad tier: {e}") from e
     if spec.default_tier not in tiers and spec.default_tier != "auto":
@@ -125,6 +137,25 @@ def load_model(spec: ModelSpec, device: torch.device) -> LoadedModel:
         dtype=dtype,
         weights_source=source,
         num_classes=int(vit.num_classes),
-        data_config=model_data_config(vit),
+        data_config=data_config,
         tiers=tiers,
+        calibration=calibration,
+        calibration_ignored=ignored,
     )
+
+
+def _without_budgets(
+    model: str, specs: dict[str, TierSpec], defaults: dict[str, TierSpec]
+) -> dict[str, TierSpec]:
+    """Budget tiers replaced by the uncalibrated default of the same name (a calibration was ignored)."""
+    out = {}
+    for name, tier in specs.items():
+        if tier.by_budget:
+            if name not in defaults:
+                raise ModelLoadError(
+                    f"model {model!r}: tier {name!r} is declared by a budget and the calibration was "
+                    f"ignored; only {sorted(defaults)} have uncalibrated defaults"
+                )
+            tier = defaults[name]
+        out[name] = tier
+    return out

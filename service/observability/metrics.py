@@ -104,6 +104,42 @@ class EngineMetrics:
             registry=r,
             multiprocess_mode="livemax",
         )
+        calibrated = ["model", "tier"]
+        self.tier_agreement = Gauge(
+            "tome_tier_agreement",
+            "Calibrated share of images whose top-1 equals r=0's (calibrated tiers only)",
+            calibrated,
+            registry=r,
+            multiprocess_mode="livemax",
+        )
+        self.tier_agreement_low = Gauge(
+            "tome_tier_agreement_low",
+            "Lower end of its 95% interval",
+            calibrated,
+            registry=r,
+            multiprocess_mode="livemax",
+        )
+        self.tier_agreement_high = Gauge(
+            "tome_tier_agreement_high",
+            "Upper end of its 95% interval",
+            calibrated,
+            registry=r,
+            multiprocess_mode="livemax",
+        )
+        self.tier_accuracy = Gauge(
+            "tome_tier_accuracy",
+            "Calibrated top-1 accuracy (calibrations with labels only)",
+            calibrated,
+            registry=r,
+            multiprocess_mode="livemax",
+        )
+        self.tier_calibrated_speedup = Gauge(
+            "tome_tier_calibrated_speedup",
+            "Median speedup over r=0 measured by the calibration (its device, dtype and batch size)",
+            calibrated,
+            registry=r,
+            multiprocess_mode="livemax",
+        )
         self.device_memory = Gauge(
             "tome_device_memory_bytes",
             "CUDA memory allocated by tensors",

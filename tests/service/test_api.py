@@ -84,9 +84,9 @@ def test_tiers_models_health(client: TestClient) -> None:
     tiers = client.get("/tiers").json()["tiny"]
     assert [t["name"] for t in tiers["tiers"]] == ["exact", "balanced", "fast", "fastest"]
     by_name = {t["name"]: t for t in tiers["tiers"]}
-    # 16 patches, 2 blocks: balanced r=round(0.5*16/2)=4, fast r=round(0.8*8)=6, fastest decreasing from 16
+    # 16 patches, 2 blocks: balanced r=round(0.5*16/2)=4, fast r=round(0.8*8)=6, fastest r=8 (all constant)
     assert by_name["balanced"]["r_per_block"] == [4, 4]
-    assert by_name["fastest"]["schedule"] == "r=8,inflection=-1"
+    assert by_name["fastest"]["schedule"] == "r=8"
     assert (
         by_name["exact"]["tokens_after_last_block"] == 17 and by_name["fast"]["tokens_after_last_block"] == 6
     )

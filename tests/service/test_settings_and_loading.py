@@ -95,14 +95,25 @@ def test_tier_spec_validation() -> None:
         TierSpec(r=[1, 2], inflection=-1)
 
 
-def test_default_tiers_vit_b16() -> None:
-    specs = default_tier_specs(depth=12, unprotected_tokens=196)
+def test_default_tiers_vit_16_at_224() -> None:
+    """Uncalibrated: constant r = 0, 0.5, 0.8 and 1.0 x N/L (the former decreasing fastest tier lost 29.5
+    top-1 points on the real ViT-Ti; tests/calibration/test_defaults.py measures these on it). Calibrated:
+    agreement-loss budgets."""
+    model = tome.patch(timm.create_model("vit_small_patch16_224", pretrained=False))
+    specs = default_tier_specs(model, calibrated=False)
     assert {k: v.schedule() for k, v in specs.items()} == {
         "exact": 0,
         "balanced": 8,
         "fast": 13,
-        "fastest": (16, -1.0),
+        "fastest": 16,
     }
+    budgets = default_tier_specs(model, calibrated=True)
+    assert [budgets[t].max_agreement_loss for t in ("exact", "balanced", "fast", "fastest")] == [
+        0,
+        0.05,
+        0.1,
+        0.15,
+    ]
 
 
 def test_build_tiers_refuses_too_long_schedule() -> None:

@@ -17,6 +17,7 @@ async def tiers(frontend: FrontendDep) -> dict[str, ModelTiers]:
     for name, served in frontend.models.items():
         measured = speedups.get(name, {})
         out[name] = ModelTiers(
+            calibration=served.info["calibration"],
             default_tier=served.info["default_tier"],
             raw_r_allowed=served.info["allow_raw_r"],
             raw_r_max=served.info["raw_r_max"],
@@ -29,6 +30,12 @@ async def tiers(frontend: FrontendDep) -> dict[str, ModelTiers]:
                     gflops=t["gflops"],
                     speedup_vs_exact=measured.get(t["name"]),
                     batch_ms=batch_ms.get(name, {}).get(t["name"]),
+                    calibrated=t["calibrated"],
+                    budget=t["budget"],
+                    agreement_with_exact=t["agreement_with_exact"],
+                    top1_accuracy=t["top1_accuracy"],
+                    calibrated_speedup=t["calibrated_speedup"],
+                    calibrated_schedule=t["calibrated_schedule"],
                 )
                 for t in served.tiers.values()
             ],

@@ -1,0 +1,83 @@
+"""A model's calibration file: was it made for this model as it is served?
+
+It must match the architecture, the weights (sha256 of the weights file), the input size, the number
+of classes, depth and tokens, the ToMe patch options, the serving dtype and the device type; otherwise
+its figures describe another model. On a mismatch the service refuses to start with one line saying
+what differs, or (``on_calibration_mismatch = "ignore"``) starts without it, logged, every tier
+reported uncalibrated.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import torch
+
+from models import tome
+from models.calibration import Calibration, weights_sha256
+
+from ..settings import ModelSpec
+from .tiers import unprotected_tokens
+
+log = logging.getLogger(__name__)
+
+
+class CalibrationMismatch(ValueError):
+    """The calibration file was made for another model, dtype or device."""
+
+
+def mismatches(
+    calibration: Calibration,
+    spec: ModelSpec,
+    model: tome.ToMeVisionTransformer,
+    input_size: tuple[int, int, int],
+    device: torch.device,
+    dtype: torch.dtype,
+) -> list[str]:
+    """What differs between the calibration and the model as served (empty: it applies)."""
+    served_weights = weights_sha256(Path(spec.weights)) if Path(spec.weights).is_file() else None
+    m, run = calibration.model, calibration.run
+    served = {
+        "architecture": (m.architecture, spec.architecture),
+        "weights sha256": (m.weights_sha256, served_weights),
+        "input size": (tuple(m.input_size), tuple(input_size)),
+        "classes": (m.num_classes, int(model.vit.num_classes)),
+        "depth": (m.depth, model.depth),
+        "tokens": (m.tokens_in - m.protected_tokens, unprotected_tokens(model)),
+        "prop_attn": (m.prop_attn, model.prop_attn),
+        "float32 merge": (m.float32_merge, model.merge_dtype is not None),
+        "dtype": (run.dtype, str(dtype).removeprefix("torch.")),
+        "device": (run.device_type, device.type),
+    }
+    return [f"{what} {made!r} (served: {now!r})" for what, (made, now) in served.items() if made != now]
+
+
+def load_for(
+    spec: ModelSpec,
+    model: tome.ToMeVisionTransformer,
+    input_size: tuple[int, int, int],
+    device: torch.device,
+    dtype: torch.dtype,
+) -> tuple[Calibration | None, str | None]:
+    """The model's calibration (or None without one) and, when it was ignored, why.
+
+    Raises ``CalibrationMismatch`` when it does not apply and ``spec.on_calibration_mismatch`` is refuse,
+    ``ValueError`` when the file cannot be read as a calibration.
+    """
+    if spec.calibration is None:
+        return None, None
+    path = Path(spec.calibration)
+    if not path.is_file():
+        raise ValueError(f"calibration file {path} does not exist")
+    calibration = Calibration.load(path)
+    problems = mismatches(calibration, spec, model, input_size, device, dtype)
+    if not problems:
+        return calibration, None
+    reason = f"calibration {path} was made for another model: " + "; ".join(problems)
+    if spec.on_calibration_mismatch == "refuse":
+        raise CalibrationMismatch(
+            reason + ' (recalibrate with `tome-serve calibrate`, or set on_calibration_mismatch = "ignore")'
+        )
+    log.warning("model %s: %s; serving it uncalibrated", spec.name, reason)
+    return None, reason

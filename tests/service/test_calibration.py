@@ -1,0 +1,178 @@
+"""Calibrated tiers in the service, on the real ViT-Ti and photos: ``tome-serve calibrate``, tiers by
+budget, what /tiers and /metrics say, and calibration files that do not match the served model."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+import safetensors.torch
+import timm
+import torch
+
+from models import tome
+from models.calibration import Calibration, imagenet_class_index
+from models.calibration.images import synset_of
+from service.calibrate import main as calibrate_main
+from service.engine.loading import ModelLoadError, load_model
+from service.engine.normalize import Normalize
+from service.ingest.preprocess import Preprocessor
+from service.settings import ModelSpec
+from tests.shared_data import VIT_TINY_ARCH, VIT_TINY_WEIGHTS, require, sample_images
+
+from .conftest import in_process_service, metric_value, tiny_settings
+
+REPO = Path(__file__).resolve().parents[2]
+PHOTOS = 40
+
+
+def _spec(**extra: object) -> dict:
+    return {"name": "vit-ti", "timm_name": VIT_TINY_ARCH, "weights": str(require(VIT_TINY_WEIGHTS)), **extra}
+
+
+@pytest.fixture(scope="module")
+def calibrated(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Path, Path]]:
+    """(calibration file, photo folder): ``tome-serve calibrate`` on 40 real photos, three constant r."""
+    work = tmp_path_factory.mktemp("calibrate")
+    photos = work / "photos"
+    photos.mkdir()
+    for path in sample_images(PHOTOS):
+        (photos / path.name).symlink_to(path)
+    config = work / "vit-ti.toml"
+    config.write_text(
+        'device = "cpu"\n[[models]]\n'
+        + "".join(f"{k} = {json.dumps(v)}\n" for k, v in _spec().items())
+        + "[batching]\nmax_batch_size = 8\n"
+    )
+    out = work / "calibration.json"
+    argv = ["--config", str(config), "--images", str(photos), "--constant", "0,8,16", "--inflections="]
+    argv += ["--no-search", "--rounds", "1", "--out", str(out), "--no-progress"]
+    assert calibrate_main(argv) == 0
+    assert out.with_suffix(".png").stat().st_size > 10_000  # the plot
+    yield out, photos
+
+
+def test_calibration_figures_match_an_independent_recomputation(calibrated: tuple[Path, Path]) -> None:
+    """The file's counts equal top-1s recomputed here with timm, the weights and the serving preprocessing."""
+    path, photos = calibrated
+    calibration = Calibration.load(path)
+    vit = timm.create_model(VIT_TINY_ARCH, pretrained=False)
+    vit.load_state_dict(safetensors.torch.load_file(VIT_TINY_WEIGHTS))
+    model = tome.patch(vit.eval())
+    from models.timm_data import model_data_config
+
+    config = model_data_config(vit)
+    pre = Preprocessor(config, 10**8)
+    normalize = Normalize(config["mean"], config["std"], torch.device("cpu"), torch.float32)
+    files = sorted(photos.iterdir())
+    x = torch.cat([normalize(torch.from_numpy(np.array(pre(f.read_bytes())))[None]) for f in files])
+    labels = torch.tensor([imagenet_class_index()[synset_of(f.name)] for f in files])
+    with torch.inference_mode():
+        top1 = {r: model(x, r=r).argmax(-1) for r in (0, 8, 16)}
+    assert calibration.images.count == PHOTOS and calibration.images.labels
+    assert calibration.model.weights_sha256 == json.loads(path.read_text())["model"]["weights_sha256"]
+    for r in (0, 8, 16):
+        record = calibration.get(f"r{r}")
+        assert record.agreement.count == int((top1[r] == top1[0]).sum()), r
+        assert record.accuracy is not None and record.accuracy.count == int((top1[r] == labels).sum()), r
+        assert record.agreement.ci_low <= record.agreement.rate <= record.agreement.ci_high
+        assert record.gflops == pytest.approx(model.schedule_info(r).gflops)
+
+
+def test_budget_tiers_resolve_to_schedules_that_meet_them(calibrated: tuple[Path, Path]) -> None:
+    path, _ = calibrated
+    tiers = {"exact": {"r": 0}, "careful": {"max_agreement_loss": 0.15}, "quick": {"min_speedup": 1.2}}
+    loaded = load_model(
+        ModelSpec(**_spec(calibration=str(path), tiers=tiers, default_tier="exact")), torch.device("cpu")
+    )
+    careful, quick = loaded.tiers["careful"], loaded.tiers["quick"]
+    assert careful.calibration is not None and careful.budget == {"max_agreement_loss": 0.15}
+    assert careful.calibration.agreement.ci_low >= 0.85  # the promise: at 95% confidence
+    assert quick.calibration is not None and quick.calibration.speedup.median >= 1.2
+    assert loaded.tiers["exact"].calibration is not None  # an explicit r it measured: its figures too
+    assert tuple(careful.info.r_per_block) == tuple(careful.calibration.r_per_block)
+
+
+def test_tiers_and_metrics_report_the_calibration(calibrated: tuple[Path, Path]) -> None:
+    path, _ = calibrated
+    settings = tiny_settings(
+        models=[_spec(calibration=str(path))],
+        batching={"max_batch_size": 4, "warmup": False},
+        fidelity={"sample_rate": 0},
+    )
+    with in_process_service(settings) as client:
+        described = client.get("/tiers").json()["vit-ti"]
+        text = client.get("/metrics").text
+    assert described["calibration"]["images"] == PHOTOS and described["calibration"]["dtype"] == "float32"
+    by_name = {t["name"]: t for t in described["tiers"]}
+    assert set(by_name) == {"exact", "balanced", "fast", "fastest"}  # the default budgets
+    for name, tier in by_name.items():
+        assert tier["calibrated"] and tier["budget"] is not None, name
+        agreement = tier["agreement_with_exact"]
+        assert agreement["n"] == PHOTOS and agreement["ci_low"] <= agreement["rate"] <= agreement["ci_high"]
+        if any(tier["r_per_block"]):  # r=0 agrees with itself by definition, whatever its interval
+            assert 1 - agreement["ci_low"] <= tier["budget"]["max_agreement_loss"] + 1e-9
+        assert tier["top1_accuracy"]["n"] == PHOTOS
+        labels = {"model": "vit-ti", "tier": name}
+        assert metric_value(text, "tome_tier_agreement", labels) == pytest.approx(agreement["rate"])
+        assert metric_value(text, "tome_tier_agreement_low", labels) == pytest.approx(agreement["ci_low"])
+
+
+def _tampered(path: Path, tmp_path: Path) -> Path:
+    data = json.loads(path.read_text())
+    data["model"]["weights_sha256"] = "0" * 64  # made for other weights
+    data["run"]["dtype"] = "bfloat16"
+    out = tmp_path / "other.json"
+    out.write_text(json.dumps(data))
+    return out
+
+
+def test_a_calibration_for_another_model_is_refused_in_one_line(
+    calibrated: tuple[Path, Path], tmp_path: Path
+) -> None:
+    other = _tampered(calibrated[0], tmp_path)
+    with pytest.raises(ModelLoadError) as e:
+        load_model(ModelSpec(**_spec(calibration=str(other))), torch.device("cpu"))
+    message = str(e.value)
+    assert "\n" not in message and "weights sha256" in message and "dtype 'bfloat16'" in message
+    assert "tome-serve calibrate" in message
+
+
+def test_a_mismatched_calibration_can_be_ignored_visibly(
+    calibrated: tuple[Path, Path], tmp_path: Path
+) -> None:
+    other = _tampered(calibrated[0], tmp_path)
+    tiers = {"exact": {"r": 0}, "fast": {"max_agreement_loss": 0.1}}
+    spec = ModelSpec(
+        **_spec(calibration=str(other), on_calibration_mismatch="ignore", tiers=tiers, default_tier="exact")
+    )
+    loaded = load_model(spec, torch.device("cpu"))
+    assert loaded.calibration is None and "weights sha256" in (loaded.calibration_ignored or "")
+    assert (
+        loaded.tiers["fast"].r == 13 and loaded.tiers["fast"].calibration is None
+    )  # the uncalibrated default
+
+
+def test_the_cli_refuses_a_mismatched_calibration_in_one_line(
+    calibrated: tuple[Path, Path], tmp_path: Path
+) -> None:
+    other = _tampered(calibrated[0], tmp_path)
+    config = tmp_path / "c.toml"
+    config.write_text(
+        'device = "cpu"\n[[models]]\n'
+        + "".join(f"{k} = {json.dumps(v)}\n" for k, v in _spec(calibration=str(other)).items())
+    )
+    result = subprocess.run(
+        [sys.executable, "-m", "service.cli", "--config", str(config), "--port", "0"],
+        capture_output=True, text=True, cwd=REPO, timeout=120,
+    )  # fmt: skip
+    assert result.returncode == 2
+    lines = [line for line in result.stderr.splitlines() if line.startswith("tome-serve:")]
+    assert len(lines) == 1 and "cannot start" in lines[0] and "weights sha256" in lines[0], result.stderr[
+        -2000:
+    ]
