@@ -55,12 +55,23 @@ def serve(tmp_path: Path, body: str) -> Iterator[tuple[str, subprocess.Popen]]:
         yield url, p
 
 
-def roles(supervisor_pid: int) -> dict[str, int]:
-    """role -> pid, from the run directory the supervisor registered itself in."""
-    for pids in Path("/dev/shm").glob("tome-serve-*/pids"):
-        if (pids / "supervisor").is_file() and int((pids / "supervisor").read_text()) == supervisor_pid:
-            return {p.name: int(p.read_text()) for p in pids.iterdir()}
-    raise AssertionError(f"no run directory of supervisor {supervisor_pid}")
+def roles(
+    supervisor_pid: int, wait_for: tuple[str, ...] = ("engine", "frontend-0"), timeout: float = 30
+) -> dict[str, int]:
+    """role -> pid, from the run directory the supervisor registered itself in.
+
+    /readyz answers as soon as *one* front-end serves, so the others may still be starting: wait until
+    every role in ``wait_for`` has registered."""
+    deadline = time.monotonic() + timeout
+    while True:
+        for pids in Path("/dev/shm").glob("tome-serve-*/pids"):
+            if (pids / "supervisor").is_file() and int((pids / "supervisor").read_text()) == supervisor_pid:
+                found = {p.name: int(p.read_text()) for p in pids.iterdir() if p.read_text()}
+                if all(role in found for role in wait_for) or time.monotonic() > deadline:
+                    return found
+        if time.monotonic() > deadline:
+            raise AssertionError(f"no run directory of supervisor {supervisor_pid}")
+        time.sleep(0.05)
 
 
 def post(url: str, timeout: float = 60, tier: str | None = None, **headers: str) -> httpx.Response:
@@ -80,7 +91,7 @@ def test_killed_front_end_is_replaced_and_the_engine_keeps_serving(tmp_path: Pat
         "model_kwargs = { img_size = 224, depth = 4 }\n[server]\nworkers = 2\n[batching]\nmax_batch_size = 1"
     )
     with serve(tmp_path, slow + "\n") as (url, proc):
-        before = roles(proc.pid)
+        before = roles(proc.pid, ("engine", "frontend-0", "frontend-1"))
         with ThreadPoolExecutor(16) as pool:
             futures = [pool.submit(post, url) for _ in range(32)]
             time.sleep(0.5)  # requests are queued on both front-ends
@@ -180,7 +191,7 @@ def test_metrics_add_up_across_front_ends(tmp_path: Path) -> None:
         scrapes = [httpx.get(f"{url}/metrics", headers={"connection": "close"}).text for _ in range(6)]
         memory = {
             role: metric_value(scrapes[-1], "tome_process_resident_memory_bytes", {"role": role})
-            for role in roles(proc.pid)
+            for role in roles(proc.pid, ("supervisor", "engine", "frontend-0", "frontend-1"))
         }
     for text in scrapes:  # whichever front-end answered, it reports every process's counts
         assert metric_value(text, "tome_requests_total", {"status": "200"}) == n
