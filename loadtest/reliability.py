@@ -1,0 +1,422 @@
+"""What hostile and unlucky clients cost the real server: each probe of RELIABILITY.md, measured.
+
+Starts ``python -m service.cli`` with the demo config (``service/configs/cpu-demo.toml``: the small
+random-weight ViT, CPU) for each probe and prints one line per probe (JSON with ``--json``):
+
+- ``half_bodies``: clients send half a body, then close. Statuses the service counted, server errors,
+  tracebacks in its log.
+- ``overload``: open-loop arrivals (``loadtest.openloop``, niced) at 1.5x and 3x the measured capacity:
+  goodput against capacity, how fast refusals come back, client timeouts and connection errors, and
+  ``/healthz`` / ``/readyz`` latency polled throughout.
+- ``trickle``: connections trickling a body at 10 B/s and others trickling headers: how long until the
+  service answers them, in-flight requests meanwhile.
+- ``stalled_uploads``: uploads that send 7.5 MB of an 8 MB body and stall: resident memory of the
+  service's processes while they hang, and how long until they are cut off.
+- ``sigterm``: SIGTERM with slow uploaders connected: seconds until every process has exited.
+- ``png_flood``: clients posting a 6000x6000 PNG (under the pixel limit) against clients posting a
+  normal photo: the normal clients' throughput with the flood as a share of it without.
+
+    python -m loadtest.reliability --json out/reliability.json
+    python -m loadtest.reliability --probes overload --loads 1.5,3
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import io
+import json
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections import Counter
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import httpx
+import psutil
+from PIL import Image
+from prometheus_client.parser import text_string_to_metric_families
+
+from loadtest.server import REPO, Server
+from loadtest.workload import DEFAULT_IMAGES_DIR
+
+DEMO_CONFIG = REPO / "service" / "configs" / "cpu-demo.toml"
+PROBES = ("half_bodies", "overload", "trickle", "stalled_uploads", "sigterm", "png_flood")
+
+
+def photo() -> bytes:
+    """One real 500x375 photo (the shared photos), or a generated JPEG where they are absent."""
+    photos = sorted(DEFAULT_IMAGES_DIR.glob("*.JPEG")) if DEFAULT_IMAGES_DIR.is_dir() else []
+    if photos:
+        return photos[0].read_bytes()
+    buf = io.BytesIO()
+    Image.linear_gradient("L").resize((500, 375)).convert("RGB").save(buf, "JPEG")
+    return buf.getvalue()
+
+
+def metric(url: str, name: str, **labels: str) -> float:
+    total = 0.0
+    for family in text_string_to_metric_families(httpx.get(f"{url}/metrics", timeout=10).text):
+        for sample in family.samples:
+            if sample.name == name and labels.items() <= sample.labels.items():
+                total += sample.value
+    return total
+
+
+def tree_rss(pid: int) -> int:
+    procs = [psutil.Process(pid), *psutil.Process(pid).children(recursive=True)]
+    return sum(p.memory_info().rss for p in procs if p.is_running())
+
+
+def head(length: int, content_type: str = "image/jpeg") -> bytes:
+    return (
+        "POST /classify HTTP/1.1\r\nHost: x\r\n"
+        f"Content-Type: {content_type}\r\nContent-Length: {length}\r\n\r\n"
+    ).encode()
+
+
+async def _connect(port: int) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+    return await asyncio.open_connection("127.0.0.1", port, limit=2**20)
+
+
+async def _status(reader: asyncio.StreamReader, timeout: float) -> str:
+    try:
+        line = await asyncio.wait_for(reader.readline(), timeout)
+    except (TimeoutError, ConnectionError):
+        return "no answer"
+    parts = line.split()
+    return parts[1].decode() if len(parts) > 1 else "closed"
+
+
+# ---- probes ----------------------------------------------------------------------------------------
+def half_bodies(server: Server, clients: int = 700) -> dict[str, Any]:
+    data = photo()
+
+    async def one() -> None:
+        try:
+            _, writer = await _connect(server.port)
+            writer.write(head(len(data)) + data[: len(data) // 2])
+            await writer.drain()
+            await asyncio.sleep(0.05)
+            writer.close()
+        except ConnectionError:
+            pass
+
+    async def all_of_them() -> None:
+        await asyncio.gather(*(one() for _ in range(clients)))
+
+    start = time.monotonic()
+    asyncio.run(all_of_them())
+    time.sleep(1.0)
+    counted = {s: metric(server.url, "tome_requests_total", status=s) for s in ("499", "500", "503")}
+    return {
+        "clients": clients,
+        "seconds": round(time.monotonic() - start, 2),
+        "counted_499": counted["499"],
+        "counted_500": counted["500"],
+        "counted_503": counted["503"],
+        "tracebacks_in_log": server.log_path.read_text(errors="replace").count("Traceback"),
+        "still_serving": _still_serving(server),
+    }
+
+
+def _still_serving(server: Server) -> bool:
+    r = httpx.post(
+        f"{server.url}/classify", content=photo(), headers={"content-type": "image/jpeg"}, timeout=30
+    )
+    return r.status_code == 200
+
+
+def _poll(url: str, path: str, stop: threading.Event, out: list[float]) -> None:
+    while not stop.is_set():
+        start = time.monotonic()
+        try:
+            httpx.get(f"{url}{path}", timeout=10)
+            out.append(time.monotonic() - start)
+        except httpx.TransportError:
+            out.append(float("inf"))
+        stop.wait(0.5)
+
+
+def _openloop(url: str, rate: float, seconds: float, work: Path, tag: str) -> dict[str, Any]:
+    images = work / "images"
+    images.mkdir(exist_ok=True)
+    (images / "photo.jpg").write_bytes(photo())
+    report = work / f"openloop-{tag}.json"
+    cmd = [
+        "nice",
+        "-n",
+        "10",
+        sys.executable,
+        "-m",
+        "loadtest.openloop",
+        "--host",
+        url,
+        "--rate",
+        f"{rate:.1f}",
+    ]
+    cmd += ["--duration", str(seconds), "--warmup", "2", "--images-dir", str(images), "--timeout", "30"]
+    cmd += ["--json", str(report)]
+    subprocess.run(cmd, cwd=REPO, check=True, capture_output=True, timeout=seconds + 180)
+    return json.loads(report.read_text())["runs"][0]
+
+
+def capacity(server: Server, seconds: float = 10, clients: int = 32) -> float:
+    """Closed-loop requests/s with ``clients`` keep-alive clients posting the photo."""
+    data, until, done = photo(), time.monotonic() + seconds, []
+
+    def client(_: int) -> None:
+        with httpx.Client(timeout=30) as c:
+            while time.monotonic() < until:
+                if c.post(
+                    f"{server.url}/classify", content=data, headers={"content-type": "image/jpeg"}
+                ).is_success:
+                    done.append(1)
+
+    with ThreadPoolExecutor(clients) as pool:
+        list(pool.map(client, range(clients)))
+    return len(done) / seconds
+
+
+def overload(server: Server, work: Path, loads: list[float], seconds: float) -> dict[str, Any]:
+    cap = capacity(server)
+    out: dict[str, Any] = {"capacity_rps": round(cap, 1)}
+    for load in loads:
+        stop, health, ready = threading.Event(), [], []
+        pollers = [
+            threading.Thread(target=_poll, args=(server.url, "/healthz", stop, health)),
+            threading.Thread(target=_poll, args=(server.url, "/readyz", stop, ready)),
+        ]
+        for t in pollers:
+            t.start()
+        run = _openloop(server.url, cap * load, seconds, work, f"{load}x")
+        stop.set()
+        for t in pollers:
+            t.join()
+        refused = run["latency_ms"]["refused"] or {}
+        out[f"{load}x"] = {
+            "offered_rps": round(cap * load, 1),
+            "goodput_rps": round(run["goodput_rps"], 1),
+            "goodput_of_capacity": round(run["goodput_rps"] / cap, 3),
+            "counts": run["counts"],
+            "refusal_p50_ms": refused.get("p50"),
+            "refusal_p99_ms": refused.get("p99"),
+            "healthz_max_s": round(max(health), 3) if health else None,
+            "readyz_max_s": round(max(ready), 3) if ready else None,
+            "generator_behind_schedule": run["generator"]["behind_reasons"],
+        }
+        time.sleep(5)  # let the backlog drain before the next load
+    return out
+
+
+def trickle(server: Server, bodies: int = 100, headers: int = 20) -> dict[str, Any]:
+    async def body_trickler() -> tuple[str, float]:
+        reader, writer = await _connect(server.port)
+        writer.write(head(100_000))
+        start = time.monotonic()
+        answer = asyncio.ensure_future(_status(reader, 120))
+        while not answer.done():
+            try:
+                writer.write(b"\0" * 10)  # 10 B/s
+                await writer.drain()
+            except ConnectionError:
+                break
+            await asyncio.wait([answer], timeout=1.0)
+        status = await answer
+        writer.close()
+        return status, time.monotonic() - start
+
+    async def header_trickler() -> tuple[str, float]:
+        reader, writer = await _connect(server.port)
+        start = time.monotonic()
+        answer = asyncio.ensure_future(_status(reader, 120))
+        for byte in b"POST /classify HTTP/1.1\r\nHost: x\r\nX-Slow: " + b"a" * 200:
+            if answer.done():
+                break
+            try:
+                writer.write(bytes([byte]))
+                await writer.drain()
+            except ConnectionError:
+                break
+            await asyncio.wait([answer], timeout=0.5)
+        status = await answer
+        writer.close()
+        return status, time.monotonic() - start
+
+    in_flight: list[float] = []
+
+    async def watch() -> None:
+        for _ in range(6):
+            await asyncio.sleep(1)
+            in_flight.append(await asyncio.to_thread(metric, server.url, "tome_in_flight_requests"))
+
+    async def all_of_them() -> list[tuple[str, float]]:
+        watcher = asyncio.ensure_future(watch())
+        results = await asyncio.gather(
+            *(body_trickler() for _ in range(bodies)), *(header_trickler() for _ in range(headers))
+        )
+        await watcher
+        return results
+
+    results = asyncio.run(all_of_them())
+    body_results, header_results = results[:bodies], results[bodies:]
+    return {
+        "body_tricklers": dict(Counter(s for s, _ in body_results)),
+        "body_answered_after_s": round(statistics.median(t for _, t in body_results), 1),
+        "header_tricklers": dict(Counter(s for s, _ in header_results)),
+        "header_answered_after_s": round(statistics.median(t for _, t in header_results), 1),
+        "in_flight_max": max(in_flight),
+        "still_serving": _still_serving(server),
+    }
+
+
+def stalled_uploads(
+    server: Server, uploads: int = 200, size: int = 8_000_000, sent: int = 7_500_000
+) -> dict[str, Any]:
+    chunk = b"\0" * sent
+    rss_before = tree_rss(server.pid)
+    peak = [rss_before]
+    stop = threading.Event()
+
+    def sample() -> None:
+        while not stop.is_set():
+            peak.append(tree_rss(server.pid))
+            stop.wait(0.2)
+
+    async def one() -> tuple[str, float]:
+        reader, writer = await _connect(server.port)
+        start = time.monotonic()
+        try:
+            writer.write(head(size))
+            writer.write(chunk)
+            await writer.drain()
+        except ConnectionError:
+            return "closed", time.monotonic() - start
+        status = await _status(reader, 120)
+        writer.close()
+        return status, time.monotonic() - start
+
+    async def all_of_them() -> list[tuple[str, float]]:
+        return await asyncio.gather(*(one() for _ in range(uploads)))
+
+    sampler = threading.Thread(target=sample)
+    sampler.start()
+    results = asyncio.run(all_of_them())
+    stop.set()
+    sampler.join()
+    time.sleep(1)
+    return {
+        "uploads": uploads,
+        "statuses": dict(Counter(s for s, _ in results)),
+        "answered_after_s_max": round(max(t for _, t in results), 1),
+        "rss_growth_peak_mb": round((max(peak) - rss_before) / 2**20),
+        "rss_growth_after_mb": round((tree_rss(server.pid) - rss_before) / 2**20),
+        "still_serving": _still_serving(server),
+    }
+
+
+def sigterm(server: Server, slow: int = 10) -> dict[str, Any]:
+    sockets = []
+    for _ in range(slow):
+        s = __import__("socket").create_connection(("127.0.0.1", server.port))
+        s.sendall(head(100_000) + b"\xff\xd8")
+        sockets.append(s)
+    time.sleep(0.5)
+    tree = [psutil.Process(server.pid), *psutil.Process(server.pid).children(recursive=True)]
+    start = time.monotonic()
+    server.proc.send_signal(signal.SIGTERM)
+    _, alive = psutil.wait_procs(tree, timeout=120)
+    took = time.monotonic() - start
+    for s in sockets:
+        s.close()
+    return {
+        "slow_uploaders": slow,
+        "exit_s": round(took, 1),
+        "left_running": len(alive),
+        "exit_code": server.proc.poll(),
+    }
+
+
+def png_flood(server: Server, seconds: float = 20, flooders: int = 4, normals: int = 8) -> dict[str, Any]:
+    buf = io.BytesIO()
+    Image.new("RGB", (6000, 6000), (120, 30, 200)).save(buf, "PNG")
+    huge, data = buf.getvalue(), photo()
+
+    def loop(body: bytes, until: float, counts: Counter) -> None:
+        with httpx.Client(timeout=60) as c:
+            while time.monotonic() < until:
+                r = c.post(
+                    f"{server.url}/classify",
+                    content=body,
+                    headers={"content-type": "image/png" if body is huge else "image/jpeg"},
+                )
+                counts[r.status_code] += 1
+
+    def run(with_flood: bool) -> tuple[float, Counter, Counter]:
+        until = time.monotonic() + seconds
+        normal, flood = Counter(), Counter()
+        with ThreadPoolExecutor(normals + flooders) as pool:
+            jobs = [pool.submit(loop, data, until, normal) for _ in range(normals)]
+            if with_flood:
+                jobs += [pool.submit(loop, huge, until, flood) for _ in range(flooders)]
+            for job in jobs:
+                job.result()
+        return normal[200] / seconds, normal, flood
+
+    alone, _, _ = run(with_flood=False)
+    flooded, normal, flood = run(with_flood=True)
+    return {
+        "png_bytes": len(huge),
+        "normal_rps_alone": round(alone, 1),
+        "normal_rps_with_flood": round(flooded, 1),
+        "normal_share_kept": round(flooded / alone, 3),
+        "normal_statuses": dict(normal),
+        "flood_statuses": dict(flood),
+    }
+
+
+# ---- main ------------------------------------------------------------------------------------------
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(prog="loadtest.reliability", description=__doc__.splitlines()[0])
+    p.add_argument("--probes", default=",".join(PROBES), help=f"comma list of {', '.join(PROBES)}")
+    p.add_argument("--config", type=Path, default=DEMO_CONFIG)
+    p.add_argument("--loads", default="1.5,3", help="overload: multiples of the measured capacity")
+    p.add_argument("--overload-seconds", type=float, default=20)
+    p.add_argument("--json", type=Path)
+    args = p.parse_args(argv)
+    config = args.config.read_text()
+    results: dict[str, Any] = {"config": str(args.config)}
+    with tempfile.TemporaryDirectory() as tmp:
+        work = Path(tmp)
+        probes: dict[str, Callable[[Server], dict[str, Any]]] = {
+            "half_bodies": half_bodies,
+            "overload": lambda s: overload(
+                s, work, [float(x) for x in args.loads.split(",")], args.overload_seconds
+            ),
+            "trickle": trickle,
+            "stalled_uploads": stalled_uploads,
+            "sigterm": sigterm,
+            "png_flood": png_flood,
+        }
+        for name in args.probes.split(","):
+            server = Server(config, work, log_level="info")
+            try:
+                server.wait_ready()
+                results[name] = probes[name](server)
+            finally:
+                server.stop()
+            print(f"{name}: {json.dumps(results[name])}", flush=True)
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(results, indent=1) + "\n")
+
+
+if __name__ == "__main__":
+    main()
