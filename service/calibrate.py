@@ -64,7 +64,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     source.add_argument("--timm-name", help="instead of --config: a timm architecture ...")
     source.add_argument("--weights", help="... and its .safetensors / .pth weights")
     source.add_argument("--device", help="override the config's device (auto, cpu, cuda, cuda:1)")
-    source.add_argument("--dtype", choices=["float32", "float16", "bfloat16"], help="override (CUDA only)")
+    source.add_argument(
+        "--dtype",
+        choices=["float32", "float16", "bfloat16"],
+        help="override the config's dtype; on a CPU (which the service serves in float32) a reduced dtype "
+        "is a study: the service refuses such a file",
+    )
     images = parser.add_argument_group("the images")
     images.add_argument("--images", type=Path, required=True, help="folder of the traffic's images")
     images.add_argument("--labels", type=Path, help="CSV of file,label (else ImageNet synset file names)")
@@ -124,6 +129,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"tome-serve calibrate: {e}", file=sys.stderr)
         return 2
     model = loaded.model
+    if args.dtype and loaded.device.type == "cpu":
+        model = model.to(getattr(torch, args.dtype))  # the file records it: no CPU server will match it
     weights = Path(spec.weights)
     calibration = calibrate(
         model,

@@ -176,3 +176,18 @@ def test_the_cli_refuses_a_mismatched_calibration_in_one_line(
     assert len(lines) == 1 and "cannot start" in lines[0] and "weights sha256" in lines[0], result.stderr[
         -2000:
     ]
+
+
+def test_a_reduced_dtype_study_on_cpu_is_recorded_and_refused_by_the_cpu_service(tmp_path: Path) -> None:
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    for path in sample_images(8):
+        (photos / path.name).symlink_to(path)
+    out = tmp_path / "bf16.json"
+    argv = ["--timm-name", VIT_TINY_ARCH, "--weights", str(require(VIT_TINY_WEIGHTS)), "--device", "cpu"]
+    argv += ["--dtype", "bfloat16", "--images", str(photos), "--constant", "0,8", "--inflections="]
+    argv += ["--no-search", "--rounds", "1", "--batch-size", "8", "--out", str(out), "--no-progress"]
+    assert calibrate_main(argv) == 0
+    assert Calibration.load(out).run.dtype == "bfloat16"
+    with pytest.raises(ModelLoadError, match="dtype"):  # the CPU serves float32
+        load_model(ModelSpec(**_spec(calibration=str(out))), torch.device("cpu"))
