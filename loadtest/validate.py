@@ -24,7 +24,10 @@ def check_classify_response(body: Any, tier: str, n_images: int, top_k: int) -> 
     """None when ``body`` answers a request for ``n_images`` images at ``tier``, else what is wrong."""
     if not isinstance(body, dict):
         return f"response is not a JSON object: {body!r:.80}"
-    if body.get("tier") != tier:
+    if tier == "auto":  # the response names the tier auto chose, and why
+        if not isinstance(body.get("tier"), str) or not isinstance(body.get("auto_reason"), str):
+            return f"tier=auto answered without the chosen tier and its reason: {body!r:.80}"
+    elif body.get("tier") != tier:
         return f"asked for tier {tier!r}, response says {body.get('tier')!r}"
     if not isinstance(body.get("request_id"), str):
         return "response has no request_id"

@@ -41,6 +41,8 @@ def test_response_checks() -> None:
     single = {"request_id": "r", "tier": "fast", "top_k": [prediction(1), prediction(2)], "batch_size": 3}
     assert check_classify_response(single, "fast", 1, 2) is None
     assert "tier" in (check_classify_response(single, "exact", 1, 2) or "")
+    assert "auto" in (check_classify_response(single, "auto", 1, 2) or "")  # no reason given
+    assert check_classify_response({**single, "auto_reason": "deadline"}, "auto", 1, 2) is None
     assert "predictions" in (check_classify_response(single, "fast", 1, 3) or "")
     assert check_classify_response([single], "fast", 1, 2) is not None
     assert check_classify_response({**single, "batch_size": 0}, "fast", 1, 2) is not None

@@ -1,0 +1,223 @@
+"""``tier=auto`` against fixed ``exact`` under overload, on the real ViT-Ti (for BENCHMARKS.md).
+
+    python -m loadtest.auto_bench --calibration out/calib/vit-ti-fp32.json --json out/auto-bench.json
+    python -m loadtest.auto_bench --calibration ... --floor-min-speedup 2.2   # a deeper floor tier
+
+Starts ``python -m service.cli`` with the real ViT-Ti (``../shared/models``) on the CPU, the calibration
+file, its default budget tiers (plus, with ``--floor-min-speedup``, a tier ``floor`` declared by that
+budget, which auto may then use), a latency objective of ``--objective-ms`` for every request and the
+fidelity monitor sampling ``--shadow-rate`` of the images served at a merging tier. Then:
+
+1. capacity: closed-loop requests/s of ``tier=exact`` with 32 clients (the load where exact saturates);
+2. open-loop arrivals (``loadtest.openloop``, niced) at ``--overload`` x capacity, first all
+   ``tier=exact``, then all ``tier=auto``: refusals (503/504), latency of the answers, tier mix of auto;
+3. the same at ``--light`` x capacity with ``tier=auto``: everything should be served at ``exact``.
+
+Effective agreement of auto's traffic: the calibrated agreement of each tier weighted by the images auto
+sent to it (``tome_auto_tier_total``), and the fidelity monitor's live figures
+(``tome_shadow_{checks,agreements}_total`` over the whole run, read once its idle-time work is done).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import httpx
+from prometheus_client.parser import text_string_to_metric_families
+
+from loadtest.server import REPO, Server
+from loadtest.workload import DEFAULT_IMAGES_DIR
+
+SHARED = REPO.parent / "shared"
+ARCH = "vit_tiny_patch16_224.augreg_in21k_ft_in1k"
+WEIGHTS = SHARED / "models" / f"{ARCH}.safetensors"
+
+
+def config(
+    calibration: Path, objective_ms: float, shadow_rate: float, floor_min_speedup: float | None
+) -> str:
+    tiers = {"exact": "max_agreement_loss = 0", "balanced": "max_agreement_loss = 0.05"}
+    tiers |= {"fast": "max_agreement_loss = 0.10", "fastest": "max_agreement_loss = 0.15"}
+    if floor_min_speedup is not None:
+        tiers["floor"] = f"min_speedup = {floor_min_speedup}"
+    lines = [
+        'device = "cpu"',
+        "[[models]]",
+        'name = "vit-ti"',
+        f'timm_name = "{ARCH}"',
+        f'weights = "{WEIGHTS}"',
+        f'calibration = "{calibration.resolve()}"',
+        'default_tier = "exact"',
+        "[models.tiers]",
+        *(f"{name} = {{ {spec} }}" for name, spec in tiers.items()),
+        "[models.auto]",
+        f"latency_objective_ms = {objective_ms}",
+        f'floor = "{"floor" if floor_min_speedup is not None else "fastest"}"',
+        "[batching]",
+        "max_batch_size = 16",
+        "[limits]",
+        f"deadline_ms = {objective_ms}",
+        "[fidelity]",
+        f"sample_rate = {shadow_rate}",
+    ]
+    return "\n".join(lines) + "\n"
+
+
+def scrape(url: str) -> list[tuple[str, dict[str, str], float]]:
+    text = httpx.get(f"{url}/metrics", timeout=10).text
+    return [(s.name, s.labels, s.value) for f in text_string_to_metric_families(text) for s in f.samples]
+
+
+def by_label(samples: list[tuple[str, dict[str, str], float]], name: str, label: str) -> dict[str, float]:
+    out: dict[str, float] = {}
+    for n, labels, value in samples:
+        if n == name and label in labels:
+            out[labels[label]] = out.get(labels[label], 0.0) + value
+    return out
+
+
+def delta(after: dict[str, float], before: dict[str, float]) -> dict[str, float]:
+    return {k: v - before.get(k, 0.0) for k, v in after.items() if v - before.get(k, 0.0)}
+
+
+def capacity(url: str, seconds: float, clients: int = 32) -> float:
+    """Closed-loop tier=exact requests/s (completions in the last ``seconds``, after 5 s of ramp)."""
+    photos = sorted(DEFAULT_IMAGES_DIR.glob("*.JPEG"))[:100]
+    bodies = [p.read_bytes() for p in photos]
+    done: list[float] = []
+
+    async def client(i: int, until: float) -> None:
+        async with httpx.AsyncClient(timeout=60) as c:
+            n = i
+            while time.monotonic() < until:
+                r = await c.post(
+                    f"{url}/classify",
+                    params={"tier": "exact"},
+                    content=bodies[n % len(bodies)],
+                    headers={"content-type": "image/jpeg"},
+                )
+                n += clients
+                if r.status_code == 200:
+                    done.append(time.monotonic())
+
+    async def run() -> None:
+        until = time.monotonic() + 5 + seconds
+        await asyncio.gather(*(client(i, until) for i in range(clients)))
+
+    start = time.monotonic() + 5
+    asyncio.run(run())
+    return sum(1 for t in done if t >= start) / seconds
+
+
+def openloop(url: str, tier: str, rate: float, seconds: float, work: Path) -> dict[str, Any]:
+    report = work / f"openloop-{tier}-{rate:.0f}.json"
+    cmd = ["nice", "-n", "10", sys.executable, "-m", "loadtest.openloop", "--host", url]
+    cmd += ["--rate", f"{rate:.2f}", "--duration", str(seconds), "--warmup", "5", "--tiers", f"{tier}=1"]
+    cmd += ["--timeout", "60", "--json", str(report)]
+    subprocess.run(cmd, cwd=REPO, check=True, capture_output=True, timeout=seconds + 300)
+    return json.loads(report.read_text())["runs"][0]
+
+
+def phase(url: str, tier: str, rate: float, seconds: float, work: Path, agreement: dict[str, float]) -> dict:
+    before = scrape(url)
+    run = openloop(url, tier, rate, seconds, work)
+    after = scrape(url)
+    mix = delta(
+        by_label(after, "tome_auto_tier_total", "tier"), by_label(before, "tome_auto_tier_total", "tier")
+    )
+    reasons = delta(
+        by_label(after, "tome_auto_tier_total", "reason"), by_label(before, "tome_auto_tier_total", "reason")
+    )
+    served = sum(mix.values())
+    ok = run["latency_ms"]["ok"]
+    out = {
+        "tier": tier,
+        "offered_rps": round(rate, 2),
+        "counts": run["counts"],
+        "refused": sum(v for k, v in run["counts"].items() if k in ("503", "504", "429")),
+        "goodput_rps": round(run["goodput_rps"], 2),
+        "latency_ms_200": {k: round(ok[k]) for k in ("p50", "p95", "p99", "max") if k in ok},
+        "generator_behind": run["generator"]["behind_reasons"],
+    }
+    if tier == "auto":
+        out["auto_tier_mix"] = mix
+        out["auto_reasons"] = reasons
+        if served:
+            out["effective_agreement_calibrated"] = round(
+                sum(n * agreement[t] for t, n in mix.items()) / served, 4
+            )
+    return out
+
+
+def tier_agreements(url: str) -> dict[str, dict[str, Any]]:
+    model = httpx.get(f"{url}/tiers", timeout=10).json()["vit-ti"]
+    out = {}
+    for t in model["tiers"]:
+        a = t.get("agreement_with_exact") or {}
+        out[t["name"]] = {
+            "schedule": t["schedule"],
+            "agreement": a.get("rate"),
+            "agreement_interval": [a.get("ci_low"), a.get("ci_high")],
+            "calibrated_speedup": t.get("calibrated_speedup"),
+            "speedup_warmup": t.get("speedup_vs_exact"),
+        }
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--calibration", type=Path, required=True, help="tome-serve calibrate's file for ViT-Ti")
+    p.add_argument("--objective-ms", type=float, default=10_000)
+    p.add_argument("--overload", type=float, default=2.0, help="multiple of exact's capacity")
+    p.add_argument("--light", type=float, default=0.5, help="multiple of exact's capacity")
+    p.add_argument("--seconds", type=float, default=30, help="measured seconds per open-loop phase")
+    p.add_argument("--shadow-rate", type=float, default=0.1)
+    p.add_argument("--floor-min-speedup", type=float, default=None, help="add a deeper floor tier")
+    p.add_argument("--json", type=Path, default=None)
+    args = p.parse_args(argv)
+    with tempfile.TemporaryDirectory(prefix="auto-bench-") as tmp:
+        work = Path(tmp)
+        text = config(args.calibration, args.objective_ms, args.shadow_rate, args.floor_min_speedup)
+        with Server(text, work) as server:
+            server.wait_ready()
+            tiers = tier_agreements(server.url)
+            agreement = {name: t["agreement"] for name, t in tiers.items()}
+            print("tiers:", json.dumps(tiers), flush=True)
+            cap = capacity(server.url, 20)
+            print(f"capacity at exact: {cap:.2f} req/s", flush=True)
+            result: dict[str, Any] = {"tiers": tiers, "capacity_rps": round(cap, 2), "phases": []}
+            for tier, load in (("exact", args.overload), ("auto", args.overload), ("auto", args.light)):
+                time.sleep(10)  # the backlog of the phase before drains
+                ph = phase(server.url, tier, load * cap, args.seconds, work, agreement)
+                ph["load"] = load
+                print(json.dumps(ph), flush=True)
+                result["phases"].append(ph)
+            time.sleep(15)  # the fidelity monitor's idle-time work finishes
+            samples = scrape(server.url)
+            checks = by_label(samples, "tome_shadow_checks_total", "tier")
+            agreements = by_label(samples, "tome_shadow_agreements_total", "tier")
+            result["shadow"] = {
+                "checks": checks,
+                "agreements": agreements,
+                "dropped": sum(v for n, _, v in samples if n == "tome_shadow_dropped_total"),
+                "live_agreement": round(sum(agreements.values()) / sum(checks.values()), 4)
+                if sum(checks.values())
+                else None,
+            }
+            print("shadow:", json.dumps(result["shadow"]), flush=True)
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(result, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
