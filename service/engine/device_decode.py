@@ -129,6 +129,7 @@ def jpeg_decoder_for(
         log.warning("model %s: JPEG decoding on %s failed its probe (CPU path): %s", model, device, e)
         return None
     if decoded[0].shape != (3, 16, 16):
-        log.warning("model %s: JPEG decoding on %s gave %s for a 16x16 probe (CPU path)", model, device, decoded[0].shape)
+        shape = tuple(decoded[0].shape)
+        log.warning("model %s: JPEG decoding on %s gave %s for a 16x16 probe", model, device, shape)
         return None
     return decoder
