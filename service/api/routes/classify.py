@@ -88,7 +88,8 @@ async def _decode(
         start = time.perf_counter()
         try:
             img = model.preprocessor.open(part.data)  # header only: cheap, and says which lane
-            jpeg = model.device_jpeg and pass_through(img, part.data, model.slots[slot])
+            heavy = frontend.settings.limits.heavy_image_pixels
+            jpeg = model.device_jpeg and pass_through(img, part.data, model.slots[slot], heavy)
             if not jpeg:
                 await frontend.decode.run(img, model.preprocessor.into, img, model.slots[slot])
         except ServiceError as e:
