@@ -16,6 +16,7 @@ from PIL import Image
 from ..ipc.slots import write_encoded
 
 EXIF_ORIENTATION = 0x0112
+END_OF_IMAGE = b"\xff\xd9"
 DEVICE_MODES = frozenset({"RGB", "L"})  # not CMYK: Pillow and libjpeg-turbo convert Adobe CMYK differently
 
 
@@ -38,7 +39,13 @@ def _upright(img: Image.Image) -> bool:
     return orientation == 1
 
 
+def ends_whole(data: bytes) -> bool:
+    """The JPEG ends in its end-of-image marker (zero padding after it allowed). A truncated file does
+    not: it takes the CPU path, whose answer (422) does not depend on how lenient nvjpeg is with it."""
+    return data.rstrip(b"\x00").endswith(END_OF_IMAGE)
+
+
 def pass_through(img: Image.Image, data: bytes, slot: np.ndarray, max_pixels: int) -> bool:
     """Put ``data`` (``img``'s bytes) in ``slot`` for the engine to decode; False when it must be decoded
-    here instead (not such a JPEG, or too large for the slot: nothing is written then)."""
-    return device_decodable(img, max_pixels) and write_encoded(slot, data)
+    here instead (not such a JPEG, truncated, or too large for the slot: nothing is written then)."""
+    return device_decodable(img, max_pixels) and ends_whole(data) and write_encoded(slot, data)

@@ -17,7 +17,7 @@ from pydantic import ValidationError
 from models.timm_data import model_data_config
 from service.engine.device_decode import UNDECODABLE, JpegDecoder, device_resize_for, jpeg_decoder_for
 from service.engine.runner import DeviceThreads, ModelRunner
-from service.ingest.passthrough import device_decodable
+from service.ingest.passthrough import device_decodable, ends_whole
 from service.ingest.preprocess import Preprocessor
 from service.ipc.protocol import ImageOutcome, Result, Submit, decode, encode
 from service.ipc.slots import read_encoded, write_encoded
@@ -68,6 +68,15 @@ def _truncated_jpeg() -> bytes:
     return data[: len(data) // 2]
 
 
+def _bad_huffman_jpeg() -> bytes:
+    """A whole JPEG (header check passes, ends in its EOI marker) whose Huffman table is impossible: it
+    reaches the engine, and no decoder can decode it."""
+    data = bytearray(_noise_jpeg((60, 60)))
+    table = data.find(b"\xff\xc4")  # DHT: marker, length (2), class/id (1), then 16 code counts
+    data[table + 5 : table + 21] = b"\xff" * 16
+    return bytes(data)
+
+
 # ---- the device path against the CPU path ---------------------------------------------------------------
 def test_device_decode_within_stated_tolerance_of_cpu_path_on_all_shared_photos() -> None:
     config = _vit_tiny_config()
@@ -93,9 +102,10 @@ def test_batched_decode_equals_one_by_one_and_a_bad_jpeg_fails_alone() -> None:
     decoder = JpegDecoder(device_resize_for(config), DEVICE)  # type: ignore[arg-type]
     photos = [p.read_bytes() for p in sample_images(3)]
     alone = [decoder([_bytes(d)])[0] for d in photos]
-    batch = decoder([_bytes(photos[0]), _bytes(_truncated_jpeg()), _bytes(photos[1]), _bytes(photos[2])])
-    assert batch[1] == UNDECODABLE
-    for got, expected in zip([batch[0], *batch[2:]], alone, strict=True):
+    bad = [_truncated_jpeg(), _bad_huffman_jpeg()]
+    batch = decoder([_bytes(photos[0]), _bytes(bad[0]), _bytes(photos[1]), _bytes(bad[1]), _bytes(photos[2])])
+    assert batch[1] == UNDECODABLE and batch[3] == UNDECODABLE
+    for got, expected in zip([batch[0], batch[2], batch[4]], alone, strict=True):
         assert isinstance(got, torch.Tensor) and torch.equal(got, expected)  # type: ignore[arg-type]
         assert got.shape == (224, 224, 3)
 
@@ -161,6 +171,8 @@ def test_front_end_passes_through_only_what_the_engine_reproduces() -> None:
     for name, (data, expected) in cases.items():
         assert device_decodable(pre.open(data), 4_000_000) is expected, name
     assert not device_decodable(pre.open(_jpeg((900, 800))), 500_000)  # a heavy image: the heavy lane
+    assert ends_whole(_jpeg()) and ends_whole(_jpeg() + bytes(8)) and ends_whole(_bad_huffman_jpeg())
+    assert not ends_whole(_truncated_jpeg())  # the CPU path answers it, as without the option
 
 
 def test_protocol_carries_jpeg_flags_and_per_image_errors() -> None:
@@ -182,7 +194,7 @@ def test_runner_decodes_jpeg_slots_writes_their_pixels_back_and_fails_a_bad_one_
     decoder = jpeg_decoder_for("on", DEVICE, loaded.data_config, "tiny")
     assert decoder is not None
     runner = ModelRunner(loaded, slots, DeviceThreads(DEVICE), max_batch_size=8, top_k=3, decoder=decoder)
-    good, bad = _jpeg((90, 70)), _truncated_jpeg()
+    good, bad = _jpeg((90, 70)), _bad_huffman_jpeg()
     pixels = Preprocessor(loaded.data_config, 1_000_000)(image_bytes("PNG", size=(90, 70)))
     slots[0].copy_(torch.from_numpy(pixels.copy()))
     assert write_encoded(slots[1].numpy(), good) and write_encoded(slots[2].numpy(), bad)
@@ -221,20 +233,24 @@ def test_service_with_device_decode_on() -> None:
 
         files = [
             ("file", ("a.jpg", jpeg)),
-            ("file", ("cut.jpg", _truncated_jpeg())),
+            ("file", ("cut.jpg", _truncated_jpeg())),  # no end marker: the front-end decodes (and refuses) it
+            ("file", ("bad.jpg", _bad_huffman_jpeg())),  # reaches the engine, which cannot decode it
             ("file", ("c.png", image_bytes())),
         ]
         r = client.post("/classify", files=files)
         assert r.status_code == 200, r.text
-        a, cut, c = r.json()["results"]
-        assert cut["error"]["code"] == "bad_image" and "corrupt JPEG" in cut["error"]["message"]
+        a, cut, bad, c = r.json()["results"]
+        for error in (cut["error"], bad["error"]):
+            assert error["code"] == "bad_image" and "corrupt JPEG" in error["message"], error
         assert len(a["top_k"]) == 5 and len(c["top_k"]) == 5
         assert _decodes(client, "decoded") == 2 and _decodes(client, "failed") == 1
 
-        r = client.post("/classify", content=_truncated_jpeg(), headers={"Content-Type": "image/jpeg"})
-        assert r.status_code == 422 and r.json()["error"]["code"] == "bad_image"  # as the CPU path answers
+        for broken in (_truncated_jpeg(), _bad_huffman_jpeg()):  # alone: a 422, as the CPU path answers
+            r = client.post("/classify", content=broken, headers={"Content-Type": "image/jpeg"})
+            assert r.status_code == 422 and r.json()["error"]["code"] == "bad_image", r.text
+        assert _decodes(client, "failed") == 2
         rejected = metric_value(client.get("/metrics").text, "tome_rejections_total", {"reason": "bad_image"})
-        assert rejected == 2
+        assert rejected == 4
 
         r = client.post("/classify", content=jpeg, headers={"Content-Type": "image/jpeg"})
         assert r.status_code == 200 and not client.fatal_reasons  # type: ignore[attr-defined]
