@@ -300,3 +300,46 @@ def test_setting_default_values_and_validation(monkeypatch: pytest.MonkeyPatch) 
             tiny_settings(limits={"device_jpeg_decode": bad})
     monkeypatch.setenv("TOME_LIMITS__DEVICE_JPEG_DECODE", "off")
     assert tiny_settings().limits.device_jpeg_decode == "off"
+
+
+# ---- CUDA (nvjpeg): run where a GPU is present ------------------------------------------------------------
+CUDA = torch.cuda.is_available()
+needs_cuda = pytest.mark.skipif(not CUDA, reason="needs CUDA")
+# Not measured yet (no GPU where this was written): nvjpeg's IDCT and upsampling differ from
+# libjpeg-turbo's, so this is a loose sanity bound, to be replaced by measured figures.
+CUDA_VS_CPU_MEAN_ABS_DIFF = 1.0
+
+
+@needs_cuda
+def test_cuda_decode_close_to_the_cpu_decoder_on_shared_photos() -> None:
+    resize = device_resize_for(_vit_tiny_config())
+    assert resize is not None
+    cpu, cuda = JpegDecoder(resize, DEVICE), JpegDecoder(resize, torch.device("cuda"))
+    photos = [_bytes(p.read_bytes()) for p in sample_images()]
+    on_cuda = cuda(photos)  # one batched nvjpeg call
+    means = []
+    for data, got in zip(photos, on_cuda, strict=True):
+        assert isinstance(got, torch.Tensor) and got.is_cuda
+        expected = cpu([data])[0]
+        assert isinstance(expected, torch.Tensor)
+        means.append((got.cpu().int() - expected.int()).abs().float().mean().item())
+    assert np.mean(means) < CUDA_VS_CPU_MEAN_ABS_DIFF, np.mean(means)
+
+
+@needs_cuda
+def test_cuda_runner_decodes_jpeg_slots_and_fails_a_bad_one_alone() -> None:
+    """Staging, upload, nvjpeg decode on the engine stream, forward, pixels back into the slot."""
+    loaded = _loaded("cuda", dtype="bfloat16")
+    device = torch.device("cuda")
+    decoder = jpeg_decoder_for("auto", device, loaded.data_config, "tiny")
+    assert decoder is not None
+    slots = torch.zeros((6, 64, 64, 3), dtype=torch.uint8)
+    threads = DeviceThreads(loaded.device)
+    runner = ModelRunner(loaded, slots, threads, max_batch_size=8, top_k=3, decoder=decoder)
+    good = _jpeg((90, 70))
+    assert write_encoded(slots[1].numpy(), good) and write_encoded(slots[2].numpy(), _bad_huffman_jpeg())
+    out = asyncio.run(runner.runner_for(loaded.tiers["exact"])([0, 1, 2], [False, True, True]))
+    assert out.errors == [None, None, UNDECODABLE]
+    expected = decoder([_bytes(good)])[0]
+    assert isinstance(expected, torch.Tensor) and torch.equal(slots[1], expected.cpu())
+    threads.shutdown()
