@@ -71,6 +71,12 @@ def device_resize_for(data_config: dict[str, Any]) -> DeviceResize | None:
     return DeviceResize(fused.short, fused.crop_h, fused.crop_w, _TORCH_MODES[fused.resample])
 
 
+def _device_failure(error: RuntimeError) -> bool:
+    """The device failed, not the image: the batch fails as any batch would (out of memory: 500 for its
+    requests; a sticky CUDA error: the engine ends)."""
+    return is_fatal(error) or isinstance(error, torch.cuda.OutOfMemoryError)
+
+
 class JpegDecoder:
     """Decodes a batch's JPEGs on ``device`` and resizes them; holds only read-only state."""
 
@@ -85,7 +91,7 @@ class JpegDecoder:
         try:
             decoded: list[torch.Tensor | str] = list(decode_jpeg(encoded, ImageReadMode.RGB, self.device))
         except RuntimeError as e:
-            if is_fatal(e):
+            if _device_failure(e):
                 raise
             decoded = [self._one(data) for data in encoded]  # find the bad one(s): the rest are served
         return [self.resize(x) if isinstance(x, torch.Tensor) else x for x in decoded]
@@ -97,7 +103,7 @@ class JpegDecoder:
             try:
                 return decode_jpeg(data, ImageReadMode.RGB, device).to(self.device)
             except RuntimeError as e:
-                if is_fatal(e):
+                if _device_failure(e):
                     raise
                 error = e
         log.info("a JPEG could not be decoded on %s: %s", self.device, str(error).splitlines()[-1:])

@@ -198,12 +198,11 @@ class ModelRunner:
         if not encoded:
             return None, []
         errors: list[str | None] = [None] * images.shape[0]
-        ok = [(row, slot, data) for row, slot, data in encoded if isinstance(data, torch.Tensor)]
+        ok = [(row, slot, data) for row, slot, data in encoded if not isinstance(data, str)]
         for row, _, data in encoded:
             if isinstance(data, str):
                 errors[row] = data
-        assert self.decoder is not None or not ok
-        pixels = self.decoder([data for _, _, data in ok]) if ok else []  # type: ignore[misc]
+        pixels = self.decoder([data for _, _, data in ok]) if ok and self.decoder is not None else []
         decoded = []
         for (row, slot, _), out in zip(ok, pixels, strict=True):
             if isinstance(out, str):

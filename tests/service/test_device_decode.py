@@ -110,6 +110,19 @@ def test_batched_decode_equals_one_by_one_and_a_bad_jpeg_fails_alone() -> None:
         assert got.shape == (224, 224, 3)
 
 
+def test_out_of_memory_fails_the_batch_not_an_image(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Only the image's own failure is a 422; the device's (OOM: 500 for the batch) propagates."""
+    import service.engine.device_decode as device_decode
+
+    def oom(*args: object, **kwargs: object) -> None:
+        raise torch.cuda.OutOfMemoryError("CUDA out of memory")
+
+    monkeypatch.setattr(device_decode, "decode_jpeg", oom)
+    decoder = JpegDecoder(device_resize_for(_vit_tiny_config()), DEVICE)  # type: ignore[arg-type]
+    with pytest.raises(torch.cuda.OutOfMemoryError):
+        decoder([_bytes(_jpeg())])
+
+
 def test_grayscale_jpeg_becomes_rgb() -> None:
     decoder = JpegDecoder(device_resize_for(_vit_tiny_config()), DEVICE)  # type: ignore[arg-type]
     out = decoder([_bytes(_jpeg((300, 260), "L"))])[0]
