@@ -201,6 +201,13 @@ class LimitsSettings(_Strict):
         "preprocessing, within the tolerance tests/service/test_preprocess.py states); "
         "false for timm's exact pipeline",
     )
+    device_jpeg_decode: Literal["off", "auto", "on"] = Field(
+        "auto",
+        description="JPEGs that fit a slot are decoded, resized and cropped by the engine on its device "
+        "(batched torchvision decode_jpeg, nvjpeg on CUDA) instead of by the front-ends: auto = on CUDA, "
+        "on = on any device (CPU: tests, tolerance), off = never. Other formats, CMYK and EXIF-rotated "
+        "JPEGs keep the CPU path; tolerance in tests/service/test_device_decode.py",
+    )
     drain_timeout_s: float = Field(30.0, ge=0, description="longest wait for queued requests at shutdown")
     header_timeout_s: float = Field(
         10.0, gt=0, description="a request's headers must arrive within this (408 and closed otherwise)"

@@ -38,6 +38,7 @@ class ServedModel:
     preprocessor: Preprocessor
     slots: np.ndarray  # uint8 [count, H, W, 3], shared with the engine
     free: SlotRange  # this front-end's own slots
+    device_jpeg: bool = False  # the engine decodes JPEGs on its device: pass them (ingest.passthrough)
     tiers: dict[str, dict[str, Any]] = field(default_factory=dict)
     raw_tiers: dict[int, dict[str, Any]] = field(default_factory=dict)
 
@@ -98,6 +99,7 @@ class Frontend:
                 ),
                 slots=map_slots(Path(slots["path"]), layout),
                 free=SlotRange(self.id * per_frontend, per_frontend),
+                device_jpeg=bool(entry.get("device_jpeg_decode", False)),
                 tiers={t["name"]: t for t in entry["tiers"]},
                 raw_tiers={t["r"]: t for t in entry.get("raw_tiers", [])},
             )

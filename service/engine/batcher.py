@@ -42,15 +42,19 @@ class DeadlineExceeded(Exception):
 
 @dataclass(frozen=True)
 class BatchOutput:
-    """What a runner returns for one batch: per image, its top-k indices and scores."""
+    """What a runner returns for one batch: per image, its top-k indices and scores; ``errors`` (when
+    not None) per image None or why it could not be decoded (device JPEG decode: that image fails alone,
+    its top-k is meaningless)."""
 
     indices: list[list[int]]
     scores: list[list[float]]
     inference_s: float
+    errors: list[str | None] | None = None
 
 
-RunBatch = Callable[[Sequence[int]], Awaitable[BatchOutput]]
-"""Runs one batch given its images' slot indices (the queue's tier is bound into it)."""
+RunBatch = Callable[[Sequence[int], Sequence[bool]], Awaitable[BatchOutput]]
+"""Runs one batch given its images' slot indices and, per slot, whether it holds a JPEG's bytes for
+the device to decode rather than pixels (the queue's tier is bound into it)."""
 
 
 @dataclass(frozen=True)
@@ -60,6 +64,7 @@ class JobResult:
     queue_s: float
     inference_s: float
     batch_size: int
+    error: str | None = None  # the image could not be decoded on the device (indices, scores empty)
 
 
 @dataclass(eq=False)
@@ -71,6 +76,7 @@ class Job:
     enqueued: float
     deadline: float
     done: Callable[[Job, JobResult | BaseException], None]
+    jpeg: bool = False  # the slot holds a JPEG's bytes, decoded on the device
     started: bool = False
     abandoned: bool = False
 
@@ -152,14 +158,17 @@ class Batcher:
         slots: Sequence[int],
         deadline: float,
         done: Callable[[Job, JobResult | BaseException], None],
+        jpeg: Sequence[bool] | None = None,
     ) -> list[Job]:
-        """Enqueue a request's images, all or none; raises ``QueueFull`` or ``Draining`` at once."""
+        """Enqueue a request's images, all or none; raises ``QueueFull`` or ``Draining`` at once.
+        ``jpeg``: per slot, whether it holds a JPEG's bytes (default: all pixels)."""
         if self._closing:
             raise Draining()
         if queue.live + len(slots) > self.max_queue_size:
             raise QueueFull()
         now = time.monotonic()
-        jobs = [Job(slot, now, deadline, done) for slot in slots]
+        flags = jpeg if jpeg is not None else [False] * len(slots)
+        jobs = [Job(slot, now, deadline, done, bool(j)) for slot, j in zip(slots, flags, strict=True)]
         queue.jobs.extend(jobs)
         queue.live += len(jobs)
         self._set_depth(queue)
@@ -284,7 +293,7 @@ class Batcher:
         token = self.watchdog.begin(f"of {len(jobs)} on {queue.model}/{queue.tier}")
         self._running[token] = (start, queue.model, queue.tier, len(jobs))
         try:
-            out = await queue.run([job.slot for job in jobs])
+            out = await queue.run([job.slot for job in jobs], [job.jpeg for job in jobs])
         except Exception as e:
             log.exception("batch of %d failed on %s %s", len(jobs), queue.model, queue.tier)
             for job in jobs:
@@ -301,8 +310,23 @@ class Batcher:
         series.batch_duration.observe(out.inference_s)
         series.batch_size.observe(len(jobs))
         series.images.inc(len(jobs))
+        errors = out.errors or [None] * len(jobs)
+        self._count_device_decodes(queue.model, jobs, errors)
         if queue.shadow is not None:  # before answering: the slots are still these requests'
-            queue.shadow.offer(queue.tier, [job.slot for job in jobs], [top[0] for top in out.indices])
+            served = [i for i, error in enumerate(errors) if error is None]
+            top1 = [out.indices[i][0] for i in served]
+            queue.shadow.offer(queue.tier, [jobs[i].slot for i in served], top1)
         for i, job in enumerate(jobs):
             queue_s = start - job.enqueued
+            if errors[i] is not None:
+                job.done(job, JobResult([], [], queue_s, out.inference_s, len(jobs), errors[i]))
+                continue
             job.done(job, JobResult(out.indices[i], out.scores[i], queue_s, out.inference_s, len(jobs)))
+
+    def _count_device_decodes(self, model: str, jobs: Sequence[Job], errors: Sequence[str | None]) -> None:
+        decoded = sum(1 for job, error in zip(jobs, errors, strict=True) if job.jpeg and error is None)
+        failed = sum(1 for job, error in zip(jobs, errors, strict=True) if job.jpeg and error is not None)
+        if decoded:
+            self.metrics.device_decodes.labels(model=model, result="decoded").inc(decoded)
+        if failed:
+            self.metrics.device_decodes.labels(model=model, result="failed").inc(failed)

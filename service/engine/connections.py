@@ -61,7 +61,7 @@ class EngineServer:
                 if isinstance(message, Submit):
                     self.engine.submit(
                         conn.id, message.request_id, message.model, message.tier, message.deadline,
-                        message.top_k, message.slots, conn.send,
+                        message.top_k, message.slots, conn.send, message.jpeg,
                     )  # fmt: skip
                 elif isinstance(message, Cancel):
                     self.engine.cancel(conn.id, message.request_id)

@@ -22,6 +22,7 @@ from ..observability.metrics import EngineMetrics
 from ..settings import ServiceSettings
 from .auto import AUTO, AutoPolicy, BatchTimes, DecayedMean, faithful_order
 from .batcher import Batcher, DeadlineExceeded, Draining, Job, JobResult, QueueFull, TierQueue
+from .device_decode import jpeg_decoder_for
 from .faults import Fatal
 from .labels import class_names
 from .loading import LoadedModel, ModelLoadError, load_model, resolve_device
@@ -64,7 +65,12 @@ class _Request:
             r = self.results[id(job)]
             images.append(
                 ImageOutcome(
-                    r.queue_s, r.inference_s, r.batch_size, r.indices[: self.top_k], r.scores[: self.top_k]
+                    r.queue_s,
+                    r.inference_s,
+                    r.batch_size,
+                    r.indices[: self.top_k],
+                    r.scores[: self.top_k],
+                    r.error,
                 )
             )
         return Result(self.id, self.tier, self.reason, images)
@@ -163,9 +169,13 @@ class Engine:
             create_slot_file(self.rundir.slots(index), layout)
             slots = torch.from_numpy(map_slots(self.rundir.slots(index), layout))
             top_k = min(limits.max_top_k, loaded.num_classes)
+            decoder = jpeg_decoder_for(limits.device_jpeg_decode, device, loaded.data_config, spec.name)
             self.runners[spec.name] = ModelRunner(
-                loaded, slots, self.threads, b.max_batch_size, top_k, b.cuda_graphs, b.pipeline_depth
-            )
+                loaded, slots, self.threads, b.max_batch_size, top_k, b.cuda_graphs, b.pipeline_depth,
+                decoder=decoder,
+            )  # fmt: skip
+            if decoder is not None:
+                self.metrics.init_device_decode(spec.name)
             self.models[spec.name] = loaded
             self.agreements[spec.name] = {
                 t.name: t.calibration.agreement.rate
@@ -289,6 +299,8 @@ class Engine:
                         k: list(v) if isinstance(v, tuple) else v for k, v in m.data_config.items()
                     },
                     "labels": self.labels[name],
+                    # front-ends pass JPEGs through their slots, for the engine to decode on its device
+                    "device_jpeg_decode": self.runners[name].decoder is not None,
                     "max_top_k": self.runners[name].top_k,
                     "default_tier": m.spec.default_tier,
                     "allow_raw_r": m.spec.allow_raw_r,
@@ -341,8 +353,10 @@ class Engine:
         top_k: int,
         slots: list[int],
         reply: Reply,
+        jpeg: list[bool] | None = None,
     ) -> None:
-        """Queue a request's images; ``reply`` is called exactly once with its final answer."""
+        """Queue a request's images; ``reply`` is called exactly once with its final answer. ``jpeg``: per
+        slot, whether it holds a JPEG's bytes for the device to decode (default: pixels)."""
         if not self.ready:
             reply(Reject(request_id, "warming_up", "the service is warming up"))
             return
@@ -363,7 +377,7 @@ class Engine:
         assert self.batcher is not None
         try:
             request.jobs = self.batcher.submit(
-                queue, slots, deadline, lambda job, res: self._job_done(conn, request, job, res)
+                queue, slots, deadline, lambda job, res: self._job_done(conn, request, job, res), jpeg
             )
         except Draining:
             reply(Reject(request_id, "draining", "the service is shutting down"))

@@ -11,11 +11,18 @@ With CUDA graphs, a batch is padded to its bucket (powers of two up to max_batch
 every block's token count, so each (tier, bucket) has static shapes. Padding rows are computed and
 dropped; every image is processed independently (no op mixes images), so they never change a real
 image's result.
+
+With device JPEG decode (``device_decode``), a slot may hold a JPEG's bytes instead of pixels: the batch's
+JPEGs are decoded and resized on the device after the upload, into their rows of the batch (decode time
+counts in the batch's time), and their pixels are written back into the slots once the batch is done, so
+the fidelity monitor (and anything else reading a served slot) sees pixels as for any other image.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import functools
 import logging
 import queue
 import time
@@ -24,8 +31,10 @@ from concurrent.futures import Future, ThreadPoolExecutor
 
 import torch
 
+from ..ipc.slots import read_encoded
 from .batcher import BatchOutput, RunBatch
 from .buckets import batch_buckets, bucket_for
+from .device_decode import JpegDecoder
 from .faults import FatalDeviceError, is_fatal
 from .graphs import GraphCache
 from .loading import LoadedModel
@@ -63,11 +72,16 @@ class DeviceThreads:
         self.complete.shutdown(wait=True)
 
 
+_Encoded = tuple[int, int, torch.Tensor | str]
+"""A batch's JPEG: its row, its slot, and its bytes (CPU uint8) or why they could not be read."""
+
+
 class _Buffers:
     """One in-flight batch's pinned host buffers (CUDA)."""
 
     def __init__(self, max_batch: int, height: int, width: int, k: int) -> None:
         self.staging = torch.empty((max_batch, height, width, 3), dtype=torch.uint8).pin_memory()
+        self.decoded: list[tuple[int, int]] = []  # (row, slot) of JPEGs decoded into the batch's rows
         self.scores = torch.empty((max_batch, k), dtype=torch.float32).pin_memory()
         self.indices = torch.empty((max_batch, k), dtype=torch.int64).pin_memory()
 
@@ -85,10 +99,12 @@ class ModelRunner:
         cuda_graphs: bool = True,
         pipeline_depth: int = 2,
         pad_to_bucket: bool | None = None,
+        decoder: JpegDecoder | None = None,
     ) -> None:
         self.loaded = loaded
         self.slots = slots  # uint8 [count, H, W, 3] over the shared file
         self.threads = threads
+        self.decoder = decoder  # None: every slot holds pixels
         self.top_k = top_k
         self.buckets = batch_buckets(max_batch_size)
         self.cuda = loaded.device.type == "cuda"
@@ -128,11 +144,13 @@ class ModelRunner:
 
     # ---- batches ----------------------------------------------------------------------------------
     def runner_for(self, tier: Tier) -> RunBatch:
-        async def run(slots: Sequence[int]) -> BatchOutput:
+        async def run(slots: Sequence[int], jpeg: Sequence[bool] | None = None) -> BatchOutput:
+            jpeg = jpeg if jpeg is not None else [False] * len(slots)
             try:
                 if not self.cuda:
-                    return await self.threads.call(lambda: self._run_cpu(slots, tier))  # type: ignore[return-value]
-                done: Future[BatchOutput] = await self.threads.call(lambda: self._launch_cuda(slots, tier))  # type: ignore[assignment]
+                    return await self.threads.call(lambda: self._run_cpu(slots, jpeg, tier))  # type: ignore[return-value]
+                launch = functools.partial(self._launch_cuda, slots, jpeg, tier)
+                done: Future[BatchOutput] = await self.threads.call(launch)  # type: ignore[assignment]
                 return await asyncio.wrap_future(done)
             except Exception as e:
                 if is_fatal(e):
@@ -157,36 +175,100 @@ class ModelRunner:
             return torch.index_select(self.slots, 0, index)
         return torch.index_select(self.slots, 0, index, out=out[: len(slots)])
 
-    def _run_cpu(self, slots: Sequence[int], tier: Tier) -> BatchOutput:
-        start = time.perf_counter()
-        scores, indices = self.forward(self._gather(slots), tier)
-        return BatchOutput(indices.tolist(), scores.tolist(), time.perf_counter() - start)
+    def _encoded(self, slots: Sequence[int], jpeg: Sequence[bool]) -> list[_Encoded]:
+        """(row, slot, bytes) of the batch's JPEGs, copied out of their slots; a bad slot gets its error."""
+        encoded: list[_Encoded] = []
+        for row, (slot, is_jpeg) in enumerate(zip(slots, jpeg, strict=True)):
+            if not is_jpeg:
+                continue
+            if self.decoder is None:
+                encoded.append((row, slot, "JPEG pass-through is off on this engine"))
+                continue
+            try:
+                encoded.append((row, slot, torch.from_numpy(read_encoded(self.slots[slot].numpy()))))
+            except ValueError as e:
+                encoded.append((row, slot, str(e)))
+        return encoded
 
-    def _launch_cuda(self, slots: Sequence[int], tier: Tier) -> Future[BatchOutput]:
-        """On the launch thread (inside the engine stream): stage, upload, run, queue the copy back."""
+    def _decode_into(
+        self, images: torch.Tensor, encoded: list[_Encoded]
+    ) -> tuple[list[str | None] | None, list[tuple[int, int]]]:
+        """Decode the JPEGs into their rows of ``images`` (on its device). Returns per row None or why not
+        (None when the batch holds no JPEG) and the (row, slot) pairs that were decoded."""
+        if not encoded:
+            return None, []
+        errors: list[str | None] = [None] * images.shape[0]
+        ok = [(row, slot, data) for row, slot, data in encoded if not isinstance(data, str)]
+        for row, _, data in encoded:
+            if isinstance(data, str):
+                errors[row] = data
+        pixels = self.decoder([data for _, _, data in ok]) if ok and self.decoder is not None else []
+        decoded = []
+        for (row, slot, _), out in zip(ok, pixels, strict=True):
+            if isinstance(out, str):
+                errors[row] = out
+                images[row].zero_()  # computed and dropped, like a padding row
+            else:
+                images[row].copy_(out)
+                decoded.append((row, slot))
+        return errors, decoded
+
+    def _run_cpu(self, slots: Sequence[int], jpeg: Sequence[bool], tier: Tier) -> BatchOutput:
+        start = time.perf_counter()
+        images = self._gather(slots)
+        errors, decoded = self._decode_into(images, self._encoded(slots, jpeg))
+        scores, indices = self.forward(images, tier)
+        for row, slot in decoded:  # pixels back into the slot, as if the front-end had decoded it
+            self.slots[slot].copy_(images[row])
+        return BatchOutput(indices.tolist(), scores.tolist(), time.perf_counter() - start, errors)
+
+    def _launch_cuda(self, slots: Sequence[int], jpeg: Sequence[bool], tier: Tier) -> Future[BatchOutput]:
+        """On the launch thread (inside the engine stream): stage, upload, decode the JPEGs, run, queue the
+        copy back."""
         n = len(slots)
         buffers = self._free.get()
         self._gather(slots, out=buffers.staging)  # reads the shared slots now: they may be reused after
+        encoded = self._encoded(slots, jpeg)
         started = torch.cuda.Event(enable_timing=True)
         finished = torch.cuda.Event(enable_timing=True)
         started.record()
-        images = buffers.staging[:n].to(self.loaded.device, non_blocking=True)
-        scores, indices = self.forward(images, tier)
-        buffers.scores[:n].copy_(scores, non_blocking=True)
-        buffers.indices[:n].copy_(indices, non_blocking=True)
-        finished.record()
-        return self.threads.complete.submit(self._finish, buffers, n, started, finished)
+        try:
+            images = buffers.staging[:n].to(self.loaded.device, non_blocking=True)
+            errors, buffers.decoded = self._decode_into(images, encoded)
+            scores, indices = self.forward(images, tier)
+            if buffers.decoded:  # the decoded pixels come back with the results, for the slots
+                buffers.staging[:n].copy_(images, non_blocking=True)
+            buffers.scores[:n].copy_(scores, non_blocking=True)
+            buffers.indices[:n].copy_(indices, non_blocking=True)
+            finished.record()
+        except BaseException:  # e.g. out of memory: the batch fails, its buffers stay in the pool
+            with contextlib.suppress(Exception):  # once the device is done with them
+                torch.cuda.current_stream(self.loaded.device).synchronize()
+            buffers.decoded = []
+            self._free.put(buffers)
+            raise
+        return self.threads.complete.submit(self._finish, buffers, n, started, finished, errors)
 
     def _finish(
-        self, buffers: _Buffers, n: int, started: torch.cuda.Event, finished: torch.cuda.Event
+        self,
+        buffers: _Buffers,
+        n: int,
+        started: torch.cuda.Event,
+        finished: torch.cuda.Event,
+        errors: list[str | None] | None = None,
     ) -> BatchOutput:
-        """On the completion thread: wait for the batch, read its pinned outputs, free the buffers."""
+        """On the completion thread: wait for the batch, read its pinned outputs, write decoded JPEGs'
+        pixels into their slots, free the buffers."""
         try:
             finished.synchronize()
+            for row, slot in buffers.decoded:
+                self.slots[slot].copy_(buffers.staging[row])
             return BatchOutput(
                 buffers.indices[:n].tolist(),
                 buffers.scores[:n].tolist(),
                 started.elapsed_time(finished) / 1000,
+                errors,
             )
         finally:
+            buffers.decoded = []
             self._free.put(buffers)

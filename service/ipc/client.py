@@ -101,15 +101,18 @@ class EngineClient:
         top_k: int,
         slots: list[int],
         on_final: Callable[[], None],
+        jpeg: list[bool] | None = None,
     ) -> tuple[int, asyncio.Future[Result | Reject]]:
-        """Send one request; returns its id and a future for the engine's final answer."""
+        """Send one request; returns its id and a future for the engine's final answer. ``jpeg``: per
+        slot, whether it holds a JPEG's bytes for the engine to decode (``ingest.passthrough``)."""
         if not self.connected or self._writer is None:
             on_final()
             raise EngineGone()
         request_id = next(self._ids)
         future: asyncio.Future[Result | Reject] = asyncio.get_running_loop().create_future()
         self._pending[request_id] = (future, on_final)
-        self._writer.write(encode(Submit(request_id, model, tier, deadline, top_k, slots)))
+        jpeg = jpeg if jpeg is not None and any(jpeg) else None  # None: every slot holds pixels
+        self._writer.write(encode(Submit(request_id, model, tier, deadline, top_k, slots, jpeg)))
         return request_id, future
 
     def cancel(self, request_id: int) -> None:

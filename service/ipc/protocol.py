@@ -39,6 +39,7 @@ class Submit(NamedTuple):
     deadline: float  # time.monotonic() seconds: CLOCK_MONOTONIC, the same clock in every process
     top_k: int
     slots: list[int]
+    jpeg: list[bool] | None = None  # per slot: holds a JPEG's bytes for the engine to decode (ipc.slots)
 
 
 class Cancel(NamedTuple):
@@ -62,6 +63,7 @@ class ImageOutcome(NamedTuple):
     batch_size: int
     indices: list[int]
     scores: list[float]
+    error: str | None = None  # the engine could not decode this image (a pass-through JPEG): 422 for it
 
 
 class Result(NamedTuple):

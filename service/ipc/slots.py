@@ -68,3 +68,30 @@ class SlotRange:
             if not self.first <= slot < self.first + self.size:
                 raise ValueError(f"slot {slot} is not in this range")
         self._free.extend(slots)
+
+
+# ---- a compressed image in a slot (device JPEG decode) -------------------------------------------------
+# With device decoding on, a front-end may put a JPEG's bytes in a slot instead of its pixels: a 4-byte
+# little-endian length, then the bytes. The Submit message says which slots hold one; the engine decodes
+# them and writes the pixels back into the slot, so after its batch every slot holds pixels again.
+ENCODED_LENGTH_BYTES = 4
+
+
+def write_encoded(slot: np.ndarray, data: bytes) -> bool:
+    """Put ``data`` (length-prefixed) in ``slot``; False, and nothing written, when it does not fit."""
+    flat = slot.reshape(-1)
+    end = ENCODED_LENGTH_BYTES + len(data)
+    if end > flat.size:
+        return False
+    flat[:ENCODED_LENGTH_BYTES] = np.frombuffer(len(data).to_bytes(ENCODED_LENGTH_BYTES, "little"), np.uint8)
+    flat[ENCODED_LENGTH_BYTES:end] = np.frombuffer(data, np.uint8)
+    return True
+
+
+def read_encoded(slot: np.ndarray) -> np.ndarray:
+    """A copy of the bytes ``write_encoded`` put in ``slot``; ValueError for a length past the slot."""
+    flat = slot.reshape(-1)
+    size = int.from_bytes(flat[:ENCODED_LENGTH_BYTES].tobytes(), "little")
+    if ENCODED_LENGTH_BYTES + size > flat.size:
+        raise ValueError(f"encoded image of {size} bytes does not fit its {flat.size}-byte slot")
+    return flat[ENCODED_LENGTH_BYTES : ENCODED_LENGTH_BYTES + size].copy()

@@ -178,6 +178,12 @@ class EngineMetrics:
             registry=r,
             multiprocess_mode="livemax",
         )
+        self.device_decodes = Counter(
+            "tome_device_decodes",
+            "JPEGs decoded on the engine's device (limits.device_jpeg_decode), by result (decoded, failed)",
+            ["model", "result"],
+            registry=r,
+        )
         self.engine_ready = Gauge(
             "tome_engine_ready",
             "1 once every model is loaded and warm",
@@ -198,6 +204,10 @@ class EngineMetrics:
         )
         series.depth.set(0)
         return series
+
+    def init_device_decode(self, model: str) -> None:
+        for result in ("decoded", "failed"):
+            self.device_decodes.labels(model=model, result=result)
 
     def init_auto(self, model: str, tiers: list[str]) -> None:
         for tier in tiers:

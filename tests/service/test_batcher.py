@@ -35,7 +35,7 @@ class Recorder:
     ) -> None:
         self.name, self.log, self.gate = name, log, gate
 
-    async def __call__(self, slots: Sequence[int]) -> BatchOutput:
+    async def __call__(self, slots: Sequence[int], jpeg: Sequence[bool]) -> BatchOutput:
         if self.gate is not None:
             await asyncio.to_thread(self.gate.wait, 5)
         self.log.append((self.name, list(slots)))
@@ -203,7 +203,7 @@ def test_close_runs_queued_jobs_then_refuses() -> None:
 
 def test_failed_batch_fails_its_jobs_only() -> None:
     async def main() -> None:
-        async def boom(slots: Sequence[int]) -> BatchOutput:
+        async def boom(slots: Sequence[int], jpeg: Sequence[bool]) -> BatchOutput:
             raise RuntimeError("boom")
 
         b, done = make(max_batch=2, wait_ms=0), Results()
@@ -222,7 +222,7 @@ def test_failed_batch_fails_its_jobs_only() -> None:
 
 def test_a_device_error_fails_its_batch_and_ends_the_engine() -> None:
     async def main() -> None:
-        async def broken(slots: Sequence[int]) -> BatchOutput:
+        async def broken(slots: Sequence[int], jpeg: Sequence[bool]) -> BatchOutput:
             raise FatalDeviceError("CUDA error: an illegal memory access was encountered")
 
         b, done = make(max_batch=2, wait_ms=0), Results()
@@ -241,7 +241,7 @@ def test_an_ordinary_batch_failure_does_not_end_the_engine() -> None:
     """Out of memory, a bad input: that batch fails (500), the engine serves on."""
 
     async def main() -> None:
-        async def oom(slots: Sequence[int]) -> BatchOutput:
+        async def oom(slots: Sequence[int], jpeg: Sequence[bool]) -> BatchOutput:
             raise RuntimeError("out of memory")
 
         b, done = make(max_batch=2, wait_ms=0), Results()

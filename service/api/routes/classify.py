@@ -1,5 +1,8 @@
 """``POST /classify``: admit -> read the body -> take slots -> decode into them -> engine -> response.
 
+With device JPEG decode on, a JPEG's bytes go into its slot undecoded (``ingest.passthrough``) and the
+engine decodes it; one it cannot decode comes back as that image's error, like a front-end decode error.
+
 Every refusal is a ``ServiceError`` raised on the way and rendered by ``api.errors``; the request is
 counted once, there or at the end of ``classify``.
 """
@@ -15,8 +18,9 @@ from fastapi.responses import Response
 
 from ...errors import ServiceError, unavailable
 from ...ingest.body import ImagePart, read_images
+from ...ingest.passthrough import pass_through
 from ...ipc.client import EngineGone
-from ...ipc.protocol import Reject, Result
+from ...ipc.protocol import ImageOutcome, Reject, Result
 from ..dependencies import FrontendDep, deadline, resolve_model, resolve_tier, resolve_top_k
 from ..errors import Outcome, count_request
 from ..request_ids import REQUEST_ID_HEADER, request_id
@@ -74,22 +78,26 @@ def _refusal(reject: Reject) -> ServiceError:
 
 async def _decode(
     frontend: Frontend, model: ServedModel, parts: list[ImagePart], slots: list[int]
-) -> list[ServiceError | None]:
-    """Decode each part into its slot (``ingest.lanes`` picks the thread); per image, None or why not."""
+) -> list[ServiceError | bool]:
+    """Decode each part into its slot (``ingest.lanes`` picks the thread), or pass a JPEG's bytes through
+    it when the engine decodes on its device; per image, why not, or whether its slot holds a JPEG."""
     metrics = frontend.metrics
     assert frontend.decode is not None
 
-    async def one(part: ImagePart, slot: int) -> ServiceError | None:
+    async def one(part: ImagePart, slot: int) -> ServiceError | bool:
         start = time.perf_counter()
         try:
             img = model.preprocessor.open(part.data)  # header only: cheap, and says which lane
-            await frontend.decode.run(img, model.preprocessor.into, img, model.slots[slot])
+            heavy = frontend.settings.limits.heavy_image_pixels
+            jpeg = model.device_jpeg and pass_through(img, part.data, model.slots[slot], heavy)
+            if not jpeg:
+                await frontend.decode.run(img, model.preprocessor.into, img, model.slots[slot])
         except ServiceError as e:
             return e
         finally:
             metrics.decode_backlog.dec()
         metrics.preprocess_duration.labels(model=model.name).observe(time.perf_counter() - start)
-        return None
+        return jpeg
 
     metrics.decode_backlog.inc(len(parts))
     if len(parts) == 1:
@@ -173,11 +181,13 @@ async def classify(
         if slots is None:
             raise unavailable("overloaded", "too many images decoding or queued on this worker; retry later")
         try:
-            errors = await _decode(frontend, served, parts, slots)
+            decoded = await _decode(frontend, served, parts, slots)
         except BaseException:
             served.free.release(slots)
             raise
-        ok = [slot for slot, error in zip(slots, errors, strict=True) if error is None]
+        ok = [slot for slot, d in zip(slots, decoded, strict=True) if not isinstance(d, ServiceError)]
+        jpeg = [d for d in decoded if not isinstance(d, ServiceError)]
+        errors = [d if isinstance(d, ServiceError) else None for d in decoded]
         served.free.release([slot for slot, error in zip(slots, errors, strict=True) if error is not None])
         if len(parts) == 1 and errors[0] is not None:
             raise errors[0]
@@ -188,16 +198,38 @@ async def classify(
         if ok:
             try:
                 engine_id, answer = frontend.engine.submit(
-                    served.name, tier_key, until, k, ok, on_final=lambda: served.free.release(ok)
+                    served.name, tier_key, until, k, ok, on_final=lambda: served.free.release(ok), jpeg=jpeg
                 )
             except EngineGone as e:
                 raise unavailable("engine_down", "the inference engine is not running") from e
             result = await _wait(request, frontend, engine_id, answer, until)
             outcome.tier = result.tier
             tier_info = tier_info or served.tiers[result.tier]
-        response = _respond(outcome, served, tier_info, parts, errors, result)
+        answers = _per_image(errors, result)
+        if len(parts) == 1 and isinstance(answers[0], ServiceError):  # the engine could not decode it
+            raise answers[0]
+        for answer_or_error, error in zip(answers, errors, strict=True):
+            if isinstance(answer_or_error, ServiceError) and error is None:
+                frontend.metrics.reject(answer_or_error.code)
+        response = _respond(outcome, served, tier_info, parts, answers, result)
     count_request(request, outcome, 200)
     return response
+
+
+def _per_image(errors: list[ServiceError | None], result: Result | None) -> list[ServiceError | ImageOutcome]:
+    """Per part, in upload order: its front-end error, its engine decode error, or its outcome."""
+    images = iter(result.images if result is not None else [])
+    answers: list[ServiceError | ImageOutcome] = []
+    for error in errors:
+        if error is not None:
+            answers.append(error)
+            continue
+        image = next(images)
+        if image.error is not None:  # the same 422 a front-end decode error gives
+            answers.append(ServiceError(422, "bad_image", image.error))
+        else:
+            answers.append(image)
+    return answers
 
 
 def _respond(
@@ -205,19 +237,17 @@ def _respond(
     served: ServedModel,
     tier_info: dict | None,
     parts: list[ImagePart],
-    errors: list[ServiceError | None],
+    answers: list[ServiceError | ImageOutcome],
     result: Result | None,
 ) -> Response:
     total_ms = (time.perf_counter() - outcome.started) * 1000
-    images = iter(result.images if result is not None else [])
     slots: list[ImageResult] = []
-    for part, error in zip(parts, errors, strict=True):
-        if error is not None:
+    for part, image in zip(parts, answers, strict=True):
+        if isinstance(image, ServiceError):
             slots.append(
-                ImageResult(filename=part.filename, error=ErrorDetail(code=error.code, message=error.message))
+                ImageResult(filename=part.filename, error=ErrorDetail(code=image.code, message=image.message))
             )
             continue
-        image = next(images)
         slots.append(
             ImageResult(
                 filename=part.filename,
