@@ -8,7 +8,11 @@
   (httptools itself accepts a 1 MB header line).
 
 Both refusals happen before the app runs, so nothing is admitted or counted in flight; they are
-counted in ``tome_rejections_total`` (``timeout``, ``too_large``) through ``on_refuse``.
+counted in ``tome_rejections_total`` (``timeout``, ``too_large``) through ``on_refuse``. The service
+may answer before it has read a request's body (an early 503 or 400); uvicorn then keeps the connection
+and parses the rest of that body, so those bytes are not the next request's headers: the size guard
+starts counting only once the body is complete, and a header deadline that passes while the body is
+still arriving just closes the connection (its answer has been sent).
 
 It also reads a connection's addresses from the transport's ``sockname``/``peername``: uvicorn asks for
 the ``socket``, which uvloop builds anew for every connection (measured: 22% of a front-end's event
@@ -48,6 +52,7 @@ def guarded_protocol(
             self._header_bytes = 0
             self._raw_bytes = 0
             self._oversized = False
+            self._body_pending = False  # between the headers and the end of a request's body
 
         def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
             # HttpToolsProtocol.connection_made, with the addresses read cheaply
@@ -75,6 +80,10 @@ def guarded_protocol(
 
         def _headers_too_slow(self) -> None:
             if self._awaiting_headers and not self.transport.is_closing():
+                if self._body_pending:  # the rest of an answered request's body: nothing to say
+                    on_refuse("timeout")
+                    self.transport.close()
+                    return
                 self._refuse(408, "timeout", "request headers did not arrive in time")
 
         def _refuse(self, status: int, code: str, message: str) -> None:
@@ -88,7 +97,7 @@ def guarded_protocol(
             self.transport.close()
 
         def data_received(self, data: bytes) -> None:
-            if self._awaiting_headers:
+            if self._awaiting_headers and not self._body_pending:
                 self._raw_bytes += len(data)
                 if self._raw_bytes > max_header_bytes + READ_CHUNK_MARGIN:
                     self._refuse(431, "too_large", f"request headers are over {max_header_bytes} bytes")
@@ -110,6 +119,7 @@ def guarded_protocol(
 
         def on_headers_complete(self) -> None:
             self._awaiting_headers = False
+            self._body_pending = True
             self._cancel_header_timer()
             if self._oversized:
                 return  # data_received answers 431 once the parser returns
@@ -121,6 +131,7 @@ def guarded_protocol(
             super().on_body(body)
 
         def on_message_complete(self) -> None:
+            self._body_pending = False
             if self._oversized:
                 return
             super().on_message_complete()

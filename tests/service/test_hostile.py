@@ -87,6 +87,26 @@ def reply(s: socket.socket, timeout: float) -> str:
         return ""
 
 
+def whole_reply(s: socket.socket, timeout: float) -> str:
+    """One complete response (headers, then Content-Length bytes of body): its status line."""
+    s.settimeout(timeout)
+    data = b""
+    while b"\r\n\r\n" not in data:
+        chunk = s.recv(65536)
+        if not chunk:
+            return data.decode(errors="replace")
+        data += chunk
+    head, _, body = data.partition(b"\r\n\r\n")
+    length = next(
+        int(line.split(b":", 1)[1])
+        for line in head.split(b"\r\n")
+        if line.lower().startswith(b"content-length:")
+    )
+    while len(body) < length:
+        body += s.recv(65536)
+    return head.split(b"\r\n", 1)[0].decode()
+
+
 def metrics(url: str) -> str:
     return httpx.get(f"{url}/metrics").text
 
@@ -155,6 +175,18 @@ def test_oversized_headers_are_431(tmp_path: Path) -> None:
         )
         assert r.status_code == 200
         assert metric_value(metrics(url), "tome_rejections_total", {"reason": "too_large"}) == 1
+
+
+def test_a_large_body_answered_early_does_not_count_as_the_next_requests_headers(tmp_path: Path) -> None:
+    """An unknown tier is answered before the body is read; uvicorn then parses the rest of that body on
+    the kept-alive connection. Under load this read as a 431 for the client's next request."""
+    with serve(tmp_path) as (_, port, _, _):
+        early = b"POST /classify?tier=nope HTTP/1.1\r\nHost: x\r\nContent-Type: image/png\r\n"
+        s = raw(port, early + b"Content-Length: 600000\r\n\r\n", b"\0" * 600_000)
+        assert whole_reply(s, 10).startswith("HTTP/1.1 400")
+        s.sendall(head(len(PNG)) + PNG)  # the same connection
+        assert whole_reply(s, 30).startswith("HTTP/1.1 200")
+        s.close()
 
 
 def test_sigterm_with_slow_uploaders_exits_within_the_drain_timeout(tmp_path: Path) -> None:
