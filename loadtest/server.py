@@ -28,14 +28,15 @@ class Server:
     descendants.
     """
 
-    def __init__(self, config_text: str, workdir: Path, log_level: str = "warning") -> None:
+    def __init__(self, config_text: str, workdir: Path, log_level: str = "warning", nice: int = 0) -> None:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.config = workdir / f"server-{self.port}.toml"
         self.config.write_text(config_text)
         self.log_path = workdir / f"server-{self.port}.log"
         self._log: IO[bytes] = self.log_path.open("wb")
-        cmd = [sys.executable, "-m", "service.cli", "--config", str(self.config)]
+        cmd = ["nice", "-n", str(nice)] if nice else []  # a lower priority than a load generator's
+        cmd += [sys.executable, "-m", "service.cli", "--config", str(self.config)]
         cmd += ["--host", "127.0.0.1", "--port", str(self.port), "--log-level", log_level]
         self.proc = subprocess.Popen(cmd, cwd=REPO, stdout=self._log, stderr=subprocess.STDOUT)
 
