@@ -24,7 +24,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import subprocess
 import sys
 import tempfile
 import time
@@ -34,6 +33,7 @@ from typing import Any
 import httpx
 from prometheus_client.parser import text_string_to_metric_families
 
+from loadtest import openloop
 from loadtest.server import REPO, Server
 from loadtest.workload import DEFAULT_IMAGES_DIR
 
@@ -122,18 +122,15 @@ def capacity(url: str, seconds: float, clients: int = 32) -> float:
     return sum(1 for t in done if t >= start) / seconds
 
 
-def openloop(url: str, tier: str, rate: float, seconds: float, work: Path) -> dict[str, Any]:
+def open_loop(url: str, tier: str, rate: float, seconds: float, work: Path) -> dict[str, Any]:
+    extra = ("--warmup", "5", "--tiers", f"{tier}=1", "--timeout", "60")
     report = work / f"openloop-{tier}-{rate:.0f}.json"
-    cmd = ["nice", "-n", "10", sys.executable, "-m", "loadtest.openloop", "--host", url]
-    cmd += ["--rate", f"{rate:.2f}", "--duration", str(seconds), "--warmup", "5", "--tiers", f"{tier}=1"]
-    cmd += ["--timeout", "60", "--json", str(report)]
-    subprocess.run(cmd, cwd=REPO, check=True, capture_output=True, timeout=seconds + 300)
-    return json.loads(report.read_text())["runs"][0]
+    return openloop.run_in_subprocess(url, rate, seconds, report, *extra, nice=10)
 
 
 def phase(url: str, tier: str, rate: float, seconds: float, work: Path, agreement: dict[str, float]) -> dict:
     before = scrape(url)
-    run = openloop(url, tier, rate, seconds, work)
+    run = open_loop(url, tier, rate, seconds, work)
     after = scrape(url)
     mix = delta(
         by_label(after, "tome_auto_tier_total", "tier"), by_label(before, "tome_auto_tier_total", "tier")

@@ -237,6 +237,18 @@ def format_report(r: dict[str, Any], args: argparse.Namespace) -> str:
     return "\n".join(lines)
 
 
+def run_in_subprocess(
+    host: str, rate: float, seconds: float, report: Path, *extra: str, nice: int = 0, timeout: float = 300
+) -> dict[str, Any]:
+    """One rate of this CLI against ``host`` in a child process (``nice``: its priority below the
+    caller's), with ``extra`` arguments; returns that rate's report (also written to ``report``)."""
+    cmd = ["nice", "-n", str(nice)] if nice else []
+    cmd += [sys.executable, "-m", "loadtest.openloop", "--host", host, "--rate", f"{rate:.2f}"]
+    cmd += ["--duration", str(seconds), "--json", str(report), *extra]
+    subprocess.run(cmd, cwd=REPO, check=True, capture_output=True, timeout=seconds + timeout)
+    return json.loads(report.read_text())["runs"][0]
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     runs = []

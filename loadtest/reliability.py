@@ -31,8 +31,6 @@ import io
 import json
 import signal
 import statistics
-import subprocess
-import sys
 import tempfile
 import threading
 import time
@@ -47,7 +45,7 @@ import psutil
 from PIL import Image
 from prometheus_client.parser import text_string_to_metric_families
 
-from loadtest import ab
+from loadtest import ab, openloop
 from loadtest.server import REPO, Server
 from loadtest.workload import DEFAULT_IMAGES_DIR
 
@@ -153,20 +151,8 @@ def _openloop(url: str, rate: float, seconds: float, work: Path, tag: str) -> di
     images = work / "images"
     images.mkdir(exist_ok=True)
     (images / "photo.jpg").write_bytes(photo())
-    report = work / f"openloop-{tag}.json"
-    cmd = [
-        sys.executable,
-        "-m",
-        "loadtest.openloop",
-        "--host",
-        url,
-        "--rate",
-        f"{rate:.1f}",
-    ]
-    cmd += ["--duration", str(seconds), "--warmup", "2", "--images-dir", str(images), "--timeout", "30"]
-    cmd += ["--json", str(report)]
-    subprocess.run(cmd, cwd=REPO, check=True, capture_output=True, timeout=seconds + 180)
-    return json.loads(report.read_text())["runs"][0]
+    extra = ("--warmup", "2", "--images-dir", str(images), "--timeout", "30")
+    return openloop.run_in_subprocess(url, rate, seconds, work / f"openloop-{tag}.json", *extra, timeout=180)
 
 
 def capacity(server: Server, work: Path, seconds: float = 10, clients: int = 32) -> float:

@@ -3,7 +3,6 @@ death or overload does to the others."""
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import socket
@@ -18,6 +17,7 @@ from pathlib import Path
 import httpx
 import psutil
 
+from loadtest import openloop
 from tests.processes import free_port, running
 
 from .conftest import image_bytes, metric_value
@@ -243,23 +243,9 @@ def _open_loop(url: str, tier: str, rate: float, seconds: float, work: Path) -> 
     images = work / "images"
     images.mkdir(exist_ok=True)
     (images / "x.png").write_bytes(PNG)
+    extra = ("--warmup", "0", "--tiers", f"{tier}=1", "--images-dir", str(images), "--timeout", "30")
     report = work / f"openloop-{tier}-{rate:.0f}.json"
-    cmd = [
-        "nice",
-        "-n",
-        "10",
-        sys.executable,
-        "-m",
-        "loadtest.openloop",
-        "--host",
-        url,
-        "--rate",
-        f"{rate:.1f}",
-    ]
-    cmd += ["--duration", str(seconds), "--warmup", "0", "--tiers", f"{tier}=1", "--images-dir", str(images)]
-    cmd += ["--timeout", "30", "--no-validate", "--json", str(report)]  # auto answers with the tier it chose
-    subprocess.run(cmd, cwd=REPO, check=True, capture_output=True, timeout=120)
-    run = json.loads(report.read_text())["runs"][0]
+    run = openloop.run_in_subprocess(url, rate, seconds, report, *extra, nice=10, timeout=120 - seconds)
     return run["counts"]
 
 
