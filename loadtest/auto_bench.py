@@ -138,6 +138,7 @@ def phase(url: str, tier: str, rate: float, seconds: float, work: Path, agreemen
     reasons = delta(
         by_label(after, "tome_auto_tier_total", "reason"), by_label(before, "tome_auto_tier_total", "reason")
     )
+    refused_by_auto = mix.pop("none", 0.0)  # auto's 503s: not even the floor met the deadline
     served = sum(mix.values())
     ok = run["latency_ms"]["ok"]
     out = {
@@ -152,6 +153,7 @@ def phase(url: str, tier: str, rate: float, seconds: float, work: Path, agreemen
     if tier == "auto":
         out["auto_tier_mix"] = mix
         out["auto_reasons"] = reasons
+        out["auto_refused"] = refused_by_auto
         if served:
             out["effective_agreement_calibrated"] = round(
                 sum(n * agreement[t] for t, n in mix.items()) / served, 4

@@ -225,6 +225,11 @@ class Batcher:
         return best, (None if next_close is None else max(0.0, next_close - now))
 
     def _take(self, queue: TierQueue, now: float) -> list[Job]:
+        """The next batch of ``queue``. A job whose deadline falls before this batch can end (at the
+        measured batch time) gets its 504 now instead of device time: under overload a FIFO queue
+        otherwise spends the device on answers nobody waits for any more (goodput collapses)."""
+        times = self.batch_times.get(queue.model)
+        runs_s = times.batch(queue.tier, min(queue.live, self.max_batch_size)) if times is not None else 0.0
         jobs: list[Job] = []
         while queue.jobs and len(jobs) < self.max_batch_size:
             job = queue.jobs.popleft()
@@ -232,7 +237,7 @@ class Batcher:
                 continue
             queue.live -= 1
             job.started = True
-            if now > job.deadline:
+            if now + runs_s > job.deadline:
                 job.done(job, DeadlineExceeded())
                 continue
             jobs.append(job)

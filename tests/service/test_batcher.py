@@ -11,6 +11,7 @@ from collections.abc import Sequence
 import pytest
 from prometheus_client import CollectorRegistry
 
+from service.engine.auto import BatchTimes
 from service.engine.batcher import (
     Batcher,
     BatchOutput,
@@ -161,6 +162,26 @@ def test_abandoned_and_expired_jobs_never_run() -> None:
         assert log == [("t", [2])]
         assert isinstance(done.by_slot[1], DeadlineExceeded)
         assert 0 not in done.by_slot
+        await b.close()
+
+    asyncio.run(main())
+
+
+def test_a_job_that_cannot_finish_before_its_deadline_gets_its_504_without_running() -> None:
+    """With a measured batch time of 1 s, a job due in 0.3 s would be answered too late: it is refused
+    when its batch forms and the device runs only the jobs that can still make it."""
+
+    async def main() -> None:
+        log: list = []
+        b, done = make(max_batch=8, wait_ms=20), Results()
+        q = b.add_queue("m", "t", Recorder("t", log))
+        b.batch_times["m"] = BatchTimes([1, 2, 4, 8], {"t": {1: 1.0, 2: 1.0, 4: 1.0, 8: 1.0}})
+        b.submit(q, [1], time.monotonic() + 0.3, done)
+        b.submit(q, [2], time.monotonic() + 30, done)
+        b.start()
+        await done.wait(2)
+        assert log == [("t", [2])]
+        assert isinstance(done.by_slot[1], DeadlineExceeded)
         await b.close()
 
     asyncio.run(main())
