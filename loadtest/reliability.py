@@ -7,7 +7,8 @@ random-weight ViT, CPU) for each probe and prints one line per probe (JSON with 
   tracebacks in its log.
 - ``overload``: open-loop arrivals (``loadtest.openloop``) at 1.5x and 3x the capacity ApacheBench
   measures (32 concurrent clients): goodput against capacity, how fast refusals come back, client
-  timeouts and connection errors, and ``/healthz`` / ``/readyz`` latency polled throughout. On a small
+  timeouts and connection errors, and ``/healthz`` / ``/readyz`` latency polled throughout, on the
+  main port and on ``server.probe_port`` (set for this probe). On a small
   host the generator shares the cores with the server, so for this probe the server runs at nice 5:
   the generator keeps its schedule (else its own lateness reads as the service's latency), and the
   capacity is measured in the same conditions.
@@ -46,7 +47,7 @@ from PIL import Image
 from prometheus_client.parser import text_string_to_metric_families
 
 from loadtest import ab, openloop
-from loadtest.server import REPO, Server
+from loadtest.server import REPO, Server, free_port
 from loadtest.workload import DEFAULT_IMAGES_DIR
 
 DEMO_CONFIG = REPO / "service" / "configs" / "cpu-demo.toml"
@@ -164,14 +165,20 @@ def capacity(server: Server, work: Path, seconds: float = 10, clients: int = 32)
     return result.rps
 
 
-def overload(server: Server, work: Path, loads: list[float], seconds: float) -> dict[str, Any]:
+def overload(
+    server: Server, work: Path, loads: list[float], seconds: float, probe_port: int
+) -> dict[str, Any]:
+    """Also polls the probes on ``server.probe_port`` (their own accept queue), beside the main port's."""
     cap = capacity(server, work)
     out: dict[str, Any] = {"capacity_rps": round(cap, 1)}
+    probe_url = f"http://127.0.0.1:{probe_port}"
     for load in loads:
-        stop, health, ready = threading.Event(), [], []
+        stop, health, ready, probe_health, probe_ready = threading.Event(), [], [], [], []
         pollers = [
             threading.Thread(target=_poll, args=(server.url, "/healthz", stop, health)),
             threading.Thread(target=_poll, args=(server.url, "/readyz", stop, ready)),
+            threading.Thread(target=_poll, args=(probe_url, "/healthz", stop, probe_health)),
+            threading.Thread(target=_poll, args=(probe_url, "/readyz", stop, probe_ready)),
         ]
         for t in pollers:
             t.start()
@@ -189,6 +196,8 @@ def overload(server: Server, work: Path, loads: list[float], seconds: float) -> 
             "refusal_p99_ms": refused.get("p99"),
             "healthz_max_s": round(max(health), 3) if health else None,
             "readyz_max_s": round(max(ready), 3) if ready else None,
+            "probe_port_healthz_max_s": round(max(probe_health), 3) if probe_health else None,
+            "probe_port_readyz_max_s": round(max(probe_ready), 3) if probe_ready else None,
             "generator_behind_schedule": run["generator"]["behind_reasons"],
         }
         time.sleep(5)  # let the backlog drain before the next load
@@ -371,13 +380,14 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--json", type=Path)
     args = p.parse_args(argv)
     config = args.config.read_text()
+    probe_port = free_port()
     results: dict[str, Any] = {"config": str(args.config)}
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
         probes: dict[str, Callable[[Server], dict[str, Any]]] = {
             "half_bodies": half_bodies,
             "overload": lambda s: overload(
-                s, work, [float(x) for x in args.loads.split(",")], args.overload_seconds
+                s, work, [float(x) for x in args.loads.split(",")], args.overload_seconds, probe_port
             ),
             "trickle": trickle,
             "stalled_uploads": stalled_uploads,
@@ -385,7 +395,8 @@ def main(argv: list[str] | None = None) -> None:
             "png_flood": png_flood,
         }
         for name in args.probes.split(","):
-            server = Server(config, work, log_level="info", nice=5 if name == "overload" else 0)
+            text = config + f"\n[server]\nprobe_port = {probe_port}\n" if name == "overload" else config
+            server = Server(text, work, log_level="info", nice=5 if name == "overload" else 0)
             try:
                 server.wait_ready()
                 results[name] = probes[name](server)

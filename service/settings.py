@@ -247,6 +247,13 @@ class ServerSettings(_Strict):
         description="per front-end: images decoding, queued or running (its shared-memory slots); "
         "more get 503 before decoding",
     )
+    probe_port: int | None = Field(
+        None,
+        ge=1,
+        le=65535,
+        description="a second listening port serving the same app, for health probes and scrapes: its "
+        "own accept queue, so a flood of client connections cannot delay /healthz and /readyz",
+    )
     graceful_shutdown_s: float = Field(
         5.0, ge=0, description="after the drain, longest wait for open connections before the front-end exits"
     )

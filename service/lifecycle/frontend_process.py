@@ -60,7 +60,11 @@ class DrainingServer(uvicorn.Server):
 
 
 def frontend_main(
-    settings: ServiceSettings, run_path: str, frontend_id: int, sock: socket.socket, log_level: str
+    settings: ServiceSettings,
+    run_path: str,
+    frontend_id: int,
+    sockets: list[socket.socket],
+    log_level: str,
 ) -> None:
     """Entry point of front-end process ``frontend_id`` (spawned by the supervisor)."""
     role = f"frontend-{frontend_id}"
@@ -77,4 +81,4 @@ def frontend_main(
         access_log=False,
         timeout_graceful_shutdown=settings.server.graceful_shutdown_s,
     )
-    DrainingServer(config, app.state.frontend, settings.limits.drain_timeout_s).run(sockets=[sock])
+    DrainingServer(config, app.state.frontend, settings.limits.drain_timeout_s).run(sockets=sockets)

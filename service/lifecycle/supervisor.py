@@ -96,7 +96,7 @@ class Supervisor:
         self.rundir: RunDir | None = None
         self.engine: BaseProcess | None = None
         self.frontends: dict[int, BaseProcess] = {}
-        self.sock: socket.socket | None = None
+        self.sockets: list[socket.socket] = []  # the port, then the probe port if configured
         self._signals: list[int] = []
         self._respawns: list[float] = []
         self._terminated: set[int] = set()  # pids sent SIGTERM: a second one would mean "force exit"
@@ -112,18 +112,28 @@ class Supervisor:
         try:
             try:
                 self._start_engine()
-                self.sock = bind(self.host, self.port, backlog=2048)
+                self.sockets.append(bind(self.host, self.port, backlog=2048))
+                probe = self.settings.server.probe_port
+                if probe is not None:
+                    self.sockets.append(bind(self.host, probe, backlog=64))
             except StartupError as e:
                 print(f"tome-serve: cannot start: {e}", file=sys.stderr)
                 return 2
             for i in range(self.workers):
                 self._start_frontend(i)
-            log.info("serving on http://%s:%d with %d front-ends", self.host, self.port, self.workers)
+            probe = self.settings.server.probe_port
+            log.info(
+                "serving on http://%s:%d with %d front-ends%s",
+                self.host,
+                self.port,
+                self.workers,
+                f" (health probes also on port {probe})" if probe else "",
+            )
             return self._supervise()
         finally:
             self._stop_all()
-            if self.sock is not None:
-                self.sock.close()
+            for sock in self.sockets:
+                sock.close()
             self.rundir.remove()
 
     def _start_engine(self) -> None:
@@ -154,10 +164,10 @@ class Supervisor:
             return "failed", "the engine process exited while loading"
 
     def _start_frontend(self, i: int) -> None:
-        assert self.rundir is not None and self.sock is not None
+        assert self.rundir is not None and self.sockets
         process = self.ctx.Process(
             target=frontend_main,
-            args=(self.settings, str(self.rundir.path), i, self.sock, self.log_level),
+            args=(self.settings, str(self.rundir.path), i, self.sockets, self.log_level),
             name=f"tome-frontend-{i}",
         )
         process.start()

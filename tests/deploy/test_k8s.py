@@ -50,8 +50,19 @@ def test_probes_hit_the_service_endpoints(container: dict[str, Any]) -> None:
     assert container["livenessProbe"]["httpGet"]["path"] == "/healthz"
     assert container["startupProbe"]["httpGet"]["path"] == "/healthz"
     ports = {p["name"]: p["containerPort"] for p in container["ports"]}
-    assert ports == {"http": 8000}
+    assert ports == {"http": 8000, "probe": 8001}
     assert container["args"][-2:] == ["--port", "8000"]
+    for probe in ("readinessProbe", "livenessProbe", "startupProbe"):  # their own accept queue
+        assert container[probe]["httpGet"]["port"] == "probe"
+
+
+def test_the_probe_port_is_the_configured_one(
+    docs: dict[str, dict[str, Any]], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.delenv("TOME_CONFIG_FILE", raising=False)
+    config = tmp_path / "config.toml"
+    config.write_text(docs["ConfigMap"]["data"]["config.toml"])
+    assert load_settings(config).server.probe_port == 8001
 
 
 def test_grace_period_covers_prestop_and_drain(

@@ -182,6 +182,17 @@ def test_admission_refuses_before_reading_the_body(tmp_path: Path) -> None:
             time.sleep(0.1)
 
 
+def test_the_probe_port_answers_health_probes_beside_the_main_port(tmp_path: Path) -> None:
+    probe = free_port()
+    body = f"model_kwargs = {{ img_size = 64, depth = 2 }}\n[server]\nworkers = 2\nprobe_port = {probe}\n"
+    with serve(tmp_path, body) as (url, _):
+        probe_url = f"http://127.0.0.1:{probe}"
+        assert httpx.get(f"{probe_url}/healthz").status_code == 200
+        assert httpx.get(f"{probe_url}/readyz").status_code == 200
+        assert "tome_requests_total" in httpx.get(f"{probe_url}/metrics").text
+        assert post(url).status_code == 200
+
+
 def test_metrics_add_up_across_front_ends(tmp_path: Path) -> None:
     body = "model_kwargs = { img_size = 64, depth = 2 }\n[server]\nworkers = 2\n"
     with serve(tmp_path, body) as (url, proc):
