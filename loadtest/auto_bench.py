@@ -6,7 +6,8 @@
 Starts ``python -m service.cli`` with the real ViT-Ti (``../shared/models``) on the CPU, the calibration
 file, its default budget tiers (plus, with ``--floor-min-speedup``, a tier ``floor`` declared by that
 budget, which auto may then use), a latency objective of ``--objective-ms`` for every request, admission
-bounds that let that much work wait (256 requests per front-end, 512 images per tier queue) and the
+bounds that let that much work wait (512 requests per front-end, 2048 images per tier queue, so that
+auto's half of the floor's queue holds 10 s of its work) and the
 fidelity monitor sampling ``--shadow-rate`` of the images served at a merging tier. Then:
 
 1. capacity: closed-loop requests/s of ``tier=exact`` with 32 clients (the load where exact saturates);
@@ -62,12 +63,12 @@ def config(
         "[models.auto]",
         f"latency_objective_ms = {objective_ms}",
         f'floor = "{"floor" if floor_min_speedup is not None else "fastest"}"',
-        "[server]",  # admission sized for the objective: 10 s of exact's ~27 req/s may wait
-        "max_requests = 256",
-        "max_pending_images = 256",
+        "[server]",  # admission sized for the objective: 10 s of the floor's ~70 img/s may wait
+        "max_requests = 512",
+        "max_pending_images = 512",
         "[batching]",
         "max_batch_size = 16",
-        "max_queue_size = 512",
+        "max_queue_size = 2048",
         "[limits]",
         f"deadline_ms = {objective_ms}",
         "[fidelity]",
