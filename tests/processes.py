@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import socket
 import subprocess
+import sys
 import time
 import urllib.error
 import urllib.request
@@ -12,6 +13,8 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
+
+REPO = Path(__file__).resolve().parents[1]
 
 
 def free_port() -> int:
@@ -64,3 +67,21 @@ def running(
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait()
+
+
+@contextmanager
+def serving(
+    config: Path,
+    log: Path,
+    timeout_s: float = 120,
+    ready_path: str = "/readyz",
+    log_level: str = "warning",
+) -> Iterator[tuple[str, int, subprocess.Popen[bytes]]]:
+    """``python -m service.cli --config config`` on a free loopback port, from the repository root, until
+    ``ready_path`` answers 200: (base URL, port, process); stopped on exit, whatever happens."""
+    port = free_port()
+    cmd = [sys.executable, "-m", "service.cli", "--config", str(config)]
+    cmd += ["--host", "127.0.0.1", "--port", str(port), "--log-level", log_level]
+    url = f"http://127.0.0.1:{port}"
+    with running(cmd, url + ready_path, log, timeout_s, cwd=REPO) as proc:
+        yield url, port, proc

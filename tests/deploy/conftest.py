@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 import subprocess
-import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 
-from tests.processes import free_port, http_get, log_tail, running
+from tests.processes import http_get, log_tail, serving
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 CPU_DEMO_CONFIG = REPO_ROOT / "service" / "configs" / "cpu-demo.toml"
@@ -41,12 +40,8 @@ def repo_root() -> Path:
 @pytest.fixture(scope="session")
 def live_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LiveServer]:
     """The real CLI (`tome-serve --config service/configs/cpu-demo.toml`) on a free loopback port."""
-    port = free_port()
     log = tmp_path_factory.mktemp("tome-serve") / "server.log"
-    cmd = [sys.executable, "-m", "service.cli", "--config", str(CPU_DEMO_CONFIG)]
-    cmd += ["--host", "127.0.0.1", "--port", str(port), "--log-level", "warning"]
-    url = f"http://127.0.0.1:{port}"
-    with running(cmd, url + "/readyz", log, START_TIMEOUT_S, cwd=REPO_ROOT) as proc:
+    with serving(CPU_DEMO_CONFIG, log, START_TIMEOUT_S) as (url, port, proc):
         yield LiveServer(url, port, proc, log)
 
 

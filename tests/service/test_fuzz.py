@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -14,7 +13,7 @@ from schemathesis.checks import not_a_server_error
 from service.api.app import create_app
 from service.ipc.rundir import RunDir
 from service.settings import load_settings
-from tests.processes import free_port, running
+from tests.processes import serving
 
 REPO = Path(__file__).resolve().parents[2]
 DEMO_CONFIG = REPO / "service" / "configs" / "cpu-demo.toml"
@@ -27,12 +26,8 @@ schema = schemathesis.openapi.from_dict(
 
 @pytest.fixture(scope="module")
 def live_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    port = free_port()
-    cmd = [sys.executable, "-m", "service.cli", "--config", str(DEMO_CONFIG), "--port", str(port)]
-    cmd += ["--log-level", "warning"]
-    url = f"http://127.0.0.1:{port}"
     log = tmp_path_factory.mktemp("fuzz") / "server.log"
-    with running(cmd, f"{url}/readyz", log, timeout_s=120, cwd=REPO):
+    with serving(DEMO_CONFIG, log, timeout_s=120) as (url, _, _):
         yield url
 
 

@@ -7,7 +7,6 @@ import io
 import signal
 import socket
 import subprocess
-import sys
 import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -17,11 +16,10 @@ from pathlib import Path
 import httpx
 from PIL import Image
 
-from tests.processes import free_port, running
+from tests.processes import serving
 
 from .conftest import image_bytes, metric_value
 
-REPO = Path(__file__).resolve().parents[2]
 PNG = image_bytes("PNG", size=(90, 70))
 BASE = """device = "cpu"
 [[models]]
@@ -45,23 +43,10 @@ def serve(
     tmp_path: Path, extra: str = "", base: str = BASE
 ) -> Iterator[tuple[str, int, subprocess.Popen, Path]]:
     """The CLI with ``base`` + ``extra`` (more ``[limits]`` keys) as its config."""
-    port = free_port()
     config = tmp_path / "server.toml"
     config.write_text(base + extra)
     log = tmp_path / "server.log"
-    cmd = [
-        sys.executable,
-        "-m",
-        "service.cli",
-        "--config",
-        str(config),
-        "--port",
-        str(port),
-        "--log-level",
-        "info",
-    ]
-    url = f"http://127.0.0.1:{port}"
-    with running(cmd, f"{url}/readyz", log, 120, cwd=REPO) as proc:
+    with serving(config, log, 120, log_level="info") as (url, port, proc):
         yield url, port, proc, log
 
 
@@ -217,27 +202,18 @@ def test_a_flood_of_huge_images_is_bounded_and_others_are_served(tmp_path: Path)
     with serve(tmp_path, extra) as (url, _, _, _):
         until = time.monotonic() + 4
 
-        def flood(_: int) -> list[int]:
+        def posting(body: bytes) -> list[int]:
             codes = []
             while time.monotonic() < until:
                 r = httpx.post(
-                    f"{url}/classify", content=huge, headers={"content-type": "image/png"}, timeout=30
-                )
-                codes.append(r.status_code)
-            return codes
-
-        def ordinary(_: int) -> list[int]:
-            codes = []
-            while time.monotonic() < until:
-                r = httpx.post(
-                    f"{url}/classify", content=PNG, headers={"content-type": "image/png"}, timeout=30
+                    f"{url}/classify", content=body, headers={"content-type": "image/png"}, timeout=30
                 )
                 codes.append(r.status_code)
             return codes
 
         with ThreadPoolExecutor(8) as pool:
-            floods = [pool.submit(flood, i) for i in range(4)]
-            normals = [pool.submit(ordinary, i) for i in range(4)]
+            floods = [pool.submit(posting, huge) for _ in range(4)]
+            normals = [pool.submit(posting, PNG) for _ in range(4)]
             flood_codes = [c for f in floods for c in f.result()]
             normal_codes = [c for f in normals for c in f.result()]
     assert set(flood_codes) <= {200, 503} and 503 in flood_codes, flood_codes

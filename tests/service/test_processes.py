@@ -18,7 +18,7 @@ import httpx
 import psutil
 
 from loadtest import openloop
-from tests.processes import free_port, running
+from tests.processes import free_port, serving
 
 from .conftest import image_bytes, metric_value
 
@@ -36,23 +36,9 @@ def _config(tmp_path: Path, body: str) -> Path:
 
 
 @contextmanager
-def serve(tmp_path: Path, body: str) -> Iterator[tuple[str, subprocess.Popen]]:
-    port = free_port()
-    config = _config(tmp_path, body)
-    cmd = [
-        sys.executable,
-        "-m",
-        "service.cli",
-        "--config",
-        str(config),
-        "--port",
-        str(port),
-        "--log-level",
-        "warning",
-    ]
-    url = f"http://127.0.0.1:{port}"
-    with running(cmd, f"{url}/readyz", tmp_path / "server.log", 120, cwd=REPO) as p:
-        yield url, p
+def serve(tmp_path: Path, body: str, ready_path: str = "/readyz") -> Iterator[tuple[str, subprocess.Popen]]:
+    with serving(_config(tmp_path, body), tmp_path / "server.log", 120, ready_path) as (url, _, proc):
+        yield url, proc
 
 
 def roles(
@@ -220,21 +206,7 @@ def test_the_port_opens_while_warming_up_and_says_so(tmp_path: Path) -> None:
     200 (alive), /readyz is 503 "starting" and classify is 503 warming_up with Retry-After."""
     model = "model_kwargs = { img_size = 224, depth = 4 }\n"
     body = model + "[server]\nworkers = 1\n[batching]\nmax_batch_size = 32\n"
-    port = free_port()
-    config = _config(tmp_path, body)
-    cmd = [
-        sys.executable,
-        "-m",
-        "service.cli",
-        "--config",
-        str(config),
-        "--port",
-        str(port),
-        "--log-level",
-        "warning",
-    ]
-    url = f"http://127.0.0.1:{port}"
-    with running(cmd, f"{url}/healthz", tmp_path / "server.log", 120, cwd=REPO):
+    with serve(tmp_path, body, ready_path="/healthz") as (url, _):
         ready = httpx.get(f"{url}/readyz")
         early = post(url)
         assert ready.status_code == 503 and ready.json() == {"status": "starting"}

@@ -5,7 +5,6 @@ from __future__ import annotations
 import io
 import signal
 import subprocess
-import sys
 import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -21,11 +20,9 @@ from PIL import Image
 from timm.data import create_transform
 
 from models import tome
-from tests.processes import free_port, running
+from tests.processes import serving
 
 from .conftest import image_bytes, metric_value
-
-REPO = Path(__file__).resolve().parents[2]
 
 
 def _config(tmp_path: Path, weights: str, img_size: int, depth: int, batching: str) -> Path:
@@ -51,11 +48,7 @@ max_files = 2
 @contextmanager
 def server(config: Path, tmp_path: Path) -> Iterator[tuple[str, subprocess.Popen]]:
     """Start the CLI on a free loopback port, wait for /readyz, always stop it."""
-    port = free_port()
-    cmd = [sys.executable, "-m", "service.cli", "--config", str(config), "--port", str(port)]
-    cmd += ["--log-level", "warning"]
-    url = f"http://127.0.0.1:{port}"
-    with running(cmd, f"{url}/readyz", tmp_path / "server.log", timeout_s=90, cwd=REPO) as proc:
+    with serving(config, tmp_path / "server.log", timeout_s=90) as (url, _, proc):
         yield url, proc
 
 
