@@ -5,13 +5,17 @@ random-weight ViT, CPU) for each probe and prints one line per probe (JSON with 
 
 - ``half_bodies``: clients send half a body, then close. Statuses the service counted, server errors,
   tracebacks in its log.
-- ``overload``: open-loop arrivals (``loadtest.openloop``) at 1.5x and 3x the capacity ApacheBench
-  measures (32 concurrent clients): goodput against capacity, how fast refusals come back, client
-  timeouts and connection errors, and ``/healthz`` / ``/readyz`` latency polled throughout, on the
-  main port and on ``server.probe_port`` (set for this probe). On a small
-  host the generator shares the cores with the server, so for this probe the server runs at nice 5:
-  the generator keeps its schedule (else its own lateness reads as the service's latency), and the
-  capacity is measured in the same conditions.
+- ``overload``: open-loop arrivals at 1.5x and 3x the capacity ApacheBench measures (32 concurrent
+  clients): goodput against capacity, how fast refusals come back and why (``tome_rejections_total``),
+  client timeouts and connection errors, and ``/healthz`` / ``/readyz`` latency polled throughout, on
+  the main port and on ``server.probe_port`` (set for this probe). Arrivals come from h2load
+  (``loadtest.h2load``, C, a new connection per request) where it is installed, else from
+  ``loadtest.openloop`` (Python; ``--generator`` picks). On a small host the generator shares the
+  cores with the server, so for this probe the server runs at nice 5: the generator keeps its
+  schedule (else its own lateness reads as the service's latency), and the capacity is measured in
+  the same conditions.
+- ``refusal_cost``: the server's CPU per refused request: one stalled upload holds the only admission
+  of a one-front-end server, and h2load sends 1,000 photos/s for 10 s, every one refused.
 - ``trickle``: connections trickling a body at 10 B/s and others trickling headers: how long until the
   service answers them, in-flight requests meanwhile.
 - ``stalled_uploads``: uploads that send 7.5 MB of an 8 MB body and stall: resident memory of the
@@ -30,7 +34,9 @@ import argparse
 import asyncio
 import io
 import json
+import resource
 import signal
+import socket
 import statistics
 import tempfile
 import threading
@@ -46,12 +52,17 @@ import psutil
 from PIL import Image
 from prometheus_client.parser import text_string_to_metric_families
 
-from loadtest import ab, openloop
+from loadtest import ab, h2load, openloop
 from loadtest.server import REPO, Server, free_port
 from loadtest.workload import DEFAULT_IMAGES_DIR
 
 DEMO_CONFIG = REPO / "service" / "configs" / "cpu-demo.toml"
-PROBES = ("half_bodies", "overload", "trickle", "stalled_uploads", "sigterm", "png_flood")
+PROBES = ("half_bodies", "overload", "refusal_cost", "trickle", "stalled_uploads", "sigterm", "png_flood")
+
+PROBE_SERVER_SETTINGS = {  # appended to the config for these probes
+    "overload": "\n[server]\nprobe_port = {probe_port}\n",
+    "refusal_cost": "\n[server]\nworkers = 1\nmax_requests = 1\n",
+}
 
 
 def photo() -> bytes:
@@ -71,6 +82,16 @@ def metric(url: str, name: str, **labels: str) -> float:
             if sample.name == name and labels.items() <= sample.labels.items():
                 total += sample.value
     return total
+
+
+def rejections(url: str) -> Counter[str]:
+    """``tome_rejections_total`` by reason."""
+    out: Counter[str] = Counter()
+    for family in text_string_to_metric_families(httpx.get(f"{url}/metrics", timeout=10).text):
+        for sample in family.samples:
+            if sample.name == "tome_rejections_total":
+                out[sample.labels["reason"]] += int(sample.value)
+    return out
 
 
 def tree_rss(pid: int) -> int:
@@ -148,7 +169,11 @@ def _poll(url: str, path: str, stop: threading.Event, out: list[float]) -> None:
         stop.wait(0.5)
 
 
-def _openloop(url: str, rate: float, seconds: float, work: Path, tag: str) -> dict[str, Any]:
+def _openloop(url: str, rate: float, seconds: float, work: Path, tag: str, generator: str) -> dict[str, Any]:
+    if generator == "h2load":
+        body = work / "photo.jpg"
+        body.write_bytes(photo())
+        return h2load.run(f"{url}/classify", body, "image/jpeg", rate, seconds)
     images = work / "images"
     images.mkdir(exist_ok=True)
     (images / "photo.jpg").write_bytes(photo())
@@ -166,11 +191,11 @@ def capacity(server: Server, work: Path, seconds: float = 10, clients: int = 32)
 
 
 def overload(
-    server: Server, work: Path, loads: list[float], seconds: float, probe_port: int
+    server: Server, work: Path, loads: list[float], seconds: float, probe_port: int, generator: str
 ) -> dict[str, Any]:
     """Also polls the probes on ``server.probe_port`` (their own accept queue), beside the main port's."""
     cap = capacity(server, work)
-    out: dict[str, Any] = {"capacity_rps": round(cap, 1)}
+    out: dict[str, Any] = {"capacity_rps": round(cap, 1), "generator": generator}
     probe_url = f"http://127.0.0.1:{probe_port}"
     for load in loads:
         stop, health, ready, probe_health, probe_ready = threading.Event(), [], [], [], []
@@ -182,16 +207,19 @@ def overload(
         ]
         for t in pollers:
             t.start()
-        run = _openloop(server.url, cap * load, seconds, work, f"{load}x")
+        before = rejections(server.url)
+        run = _openloop(server.url, cap * load, seconds, work, f"{load}x", generator)
         stop.set()
+        refused_by = rejections(server.url) - before
         for t in pollers:
             t.join()
         refused = run["latency_ms"]["refused"] or {}
         out[f"{load}x"] = {
-            "offered_rps": round(cap * load, 1),
+            "offered_rps": round(run.get("offered_rate", cap * load), 1),
             "goodput_rps": round(run["goodput_rps"], 1),
             "goodput_of_capacity": round(run["goodput_rps"] / cap, 3),
             "counts": run["counts"],
+            "refused_by": dict(refused_by),
             "refusal_p50_ms": refused.get("p50"),
             "refusal_p99_ms": refused.get("p99"),
             "healthz_max_s": round(max(health), 3) if health else None,
@@ -202,6 +230,49 @@ def overload(
         }
         time.sleep(5)  # let the backlog drain before the next load
     return out
+
+
+def refusal_cost(server: Server, work: Path, rate: float = 1000, seconds: float = 10) -> dict[str, Any]:
+    """CPU the server spends per refused request: one stalled upload holds the only admission
+    (``max_requests = 1``, one front-end), and h2load sends the photo at ``rate`` on new connections,
+    every one refused (503 overloaded) before its body is read."""
+    if not h2load.available():
+        return {"skipped": "h2load is not installed (apt-get install nghttp2-client)"}
+    body = work / "photo.jpg"
+    body.write_bytes(photo())
+    holder = socket.create_connection(("127.0.0.1", server.port))
+    holder.sendall(head(len(body.read_bytes())) + b"\xff\xd8")
+    time.sleep(0.5)
+    try:
+        before, generator_before = _tree_cpu_s(server.pid), _children_cpu_s()
+        run = h2load.run(f"{server.url}/classify", body, "image/jpeg", rate, seconds, warmup=0)
+        server_s, generator_s = _tree_cpu_s(server.pid) - before, _children_cpu_s() - generator_before
+    finally:
+        holder.close()
+    sent = sum(run["counts"].values())
+    return {
+        "offered_rps": round(run["offered_rate"], 1),
+        "counts": run["counts"],
+        "server_cpu_ms_per_refusal": round(1000 * server_s / sent, 3),
+        "generator_cpu_ms_per_request": round(1000 * generator_s / sent, 3),
+        "refusal_p50_ms": (run["latency_ms"]["refused"] or {}).get("p50"),
+    }
+
+
+def _tree_cpu_s(pid: int) -> float:
+    total = 0.0
+    for proc in [psutil.Process(pid), *psutil.Process(pid).children(recursive=True)]:
+        try:
+            times = proc.cpu_times()
+        except psutil.Error:
+            continue
+        total += times.user + times.system
+    return total
+
+
+def _children_cpu_s() -> float:
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
 
 
 def trickle(server: Server, bodies: int = 100, headers: int = 20) -> dict[str, Any]:
@@ -377,6 +448,13 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--config", type=Path, default=DEMO_CONFIG)
     p.add_argument("--loads", default="1.5,3", help="overload: multiples of the measured capacity")
     p.add_argument("--overload-seconds", type=float, default=20)
+    p.add_argument(
+        "--generator",
+        choices=("h2load", "python"),
+        default="h2load" if h2load.available() else "python",
+        help="overload: open-loop arrivals from nghttp2's h2load (C; the default where it is installed) "
+        "or loadtest.openloop (Python, several times the CPU per request)",
+    )
     p.add_argument("--json", type=Path)
     args = p.parse_args(argv)
     config = args.config.read_text()
@@ -387,15 +465,21 @@ def main(argv: list[str] | None = None) -> None:
         probes: dict[str, Callable[[Server], dict[str, Any]]] = {
             "half_bodies": half_bodies,
             "overload": lambda s: overload(
-                s, work, [float(x) for x in args.loads.split(",")], args.overload_seconds, probe_port
+                s,
+                work,
+                [float(x) for x in args.loads.split(",")],
+                args.overload_seconds,
+                probe_port,
+                args.generator,
             ),
+            "refusal_cost": lambda s: refusal_cost(s, work),
             "trickle": trickle,
             "stalled_uploads": stalled_uploads,
             "sigterm": sigterm,
             "png_flood": png_flood,
         }
         for name in args.probes.split(","):
-            text = config + f"\n[server]\nprobe_port = {probe_port}\n" if name == "overload" else config
+            text = config + PROBE_SERVER_SETTINGS.get(name, "").format(probe_port=probe_port)
             server = Server(text, work, log_level="info", nice=5 if name == "overload" else 0)
             try:
                 server.wait_ready()

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Installs what the test suite uses but pip cannot: Debian's prometheus (/usr/bin/prometheus, promtool)
-# and apache2-utils (/usr/bin/ab, for the host-path benchmark's test).
+# apache2-utils (/usr/bin/ab, for the host-path benchmark's test) and nghttp2-client (/usr/bin/h2load,
+# the C open-loop generator of the reliability benchmark).
 # Idempotent and quick when present. Without root or apt-get it only says what to do and exits 0:
 # the tests that need them then skip with that reason.
 set -euo pipefail
@@ -11,6 +12,9 @@ if ! command -v prometheus >/dev/null || ! command -v promtool >/dev/null; then
 fi
 if ! command -v ab >/dev/null; then
   missing+=(apache2-utils)
+fi
+if ! command -v h2load >/dev/null; then
+  missing+=(nghttp2-client)
 fi
 if [ "${#missing[@]}" -eq 0 ]; then
   exit 0

@@ -10,7 +10,7 @@ from prometheus_client import CollectorRegistry
 
 from ..ipc.rundir import RunDir
 from ..settings import ServiceSettings
-from . import errors
+from . import errors, shedding
 from .routes import classify, meta, ops
 from .state import Frontend
 
@@ -43,6 +43,7 @@ def create_app(
     )
     app.state.frontend = frontend
     errors.install(app)
+    app.add_middleware(shedding.ShedBeforeRouting, frontend=frontend)
     app.include_router(classify.router)
     app.include_router(meta.router)
     app.include_router(ops.router)

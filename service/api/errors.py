@@ -10,6 +10,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import Response
 
 from ..errors import ServiceError
+from ..observability.metrics import FrontendMetrics
 from .request_ids import REQUEST_ID_HEADER, request_id
 from .schemas import ErrorDetail, ErrorResponse
 
@@ -42,7 +43,10 @@ def error_response(error: ServiceError, request_id: str | None) -> Response:
 
 
 def count_request(request: Request, outcome: Outcome, status: int) -> None:
-    metrics = request.app.state.frontend.metrics
+    count(request.app.state.frontend.metrics, outcome, status)
+
+
+def count(metrics: FrontendMetrics, outcome: Outcome, status: int) -> None:
     labels = {"model": outcome.model, "tier": outcome.tier}
     metrics.requests.labels(**labels, status=str(status)).inc()
     if status == 200:

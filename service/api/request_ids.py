@@ -24,6 +24,10 @@ class RequestIds:
         return f"{self.prefix}{next(self.counter):016x}"
 
 
+def sane(sent: str | None) -> str | None:
+    """The client's request id if it is one we echo."""
+    return sent if sent and _REQUEST_ID_RE.match(sent) else None
+
+
 def request_id(request: Request) -> str:
-    sent = request.headers.get(REQUEST_ID_HEADER)
-    return sent if sent and _REQUEST_ID_RE.match(sent) else request.app.state.frontend.new_request_id()
+    return sane(request.headers.get(REQUEST_ID_HEADER)) or request.app.state.frontend.new_request_id()

@@ -128,11 +128,25 @@ class Frontend:
         if not self.engine.state.ready:
             raise unavailable("warming_up", "the service is warming up")
 
+    def early_refusal(self) -> ServiceError | None:
+        """The 503 a classify request would get before any of its work is done, if any: what
+        ``api.shedding`` answers without running FastAPI (``check_serving`` and ``admitted`` decide again
+        when the route admits it)."""
+        try:
+            self.check_serving()
+        except ServiceError as e:
+            return e
+        return self._overloaded() if self.in_flight >= self.settings.server.max_requests else None
+
+    @staticmethod
+    def _overloaded() -> ServiceError:
+        return unavailable("overloaded", "too many requests in progress on this worker; retry later")
+
     @contextlib.contextmanager
     def admitted(self) -> Iterator[None]:
         """Count a classify request in flight, refusing it (503) past ``server.max_requests``."""
         if self.in_flight >= self.settings.server.max_requests:
-            raise unavailable("overloaded", "too many requests in progress on this worker; retry later")
+            raise self._overloaded()
         self.in_flight += 1
         self._idle.clear()
         self.metrics.in_flight.inc()

@@ -325,3 +325,28 @@ def test_fidelity_monitor_counts_on_an_idle_service(make_client) -> None:
     assert metric_value(text, "tome_shadow_agreements_total", labels) in (0, 5)
     assert 'tome_shadow_checks_total{model="tiny",tier="exact"}' not in text
     assert metric_value(text, "tome_shadow_dropped_total", labels) == 0
+
+
+def test_a_full_front_end_sheds_before_fastapi_runs(make_client) -> None:
+    """Past ``server.max_requests`` the 503 comes from ``api.shedding`` before routing and parameter
+    validation (a bad ``top_k`` would otherwise be a 422), rendered and counted like the route's own."""
+    c = make_client(server={"max_requests": 1})
+    frontend = c.app.state.frontend
+    frontend.in_flight = 1  # as if one upload held the only admission
+    try:
+        r = c.post(
+            "/classify?top_k=not-a-number",
+            content=PNG,
+            headers={"content-type": "image/png", "X-Request-ID": "shed-1"},
+        )
+    finally:
+        frontend.in_flight = 0
+    assert r.status_code == 503, r.text
+    assert r.json()["error"]["code"] == "overloaded" and r.json()["request_id"] == "shed-1"
+    assert r.headers["retry-after"] and r.headers["x-request-id"] == "shed-1"
+    text = c.get("/metrics").text
+    assert metric_value(text, "tome_requests_total", {"status": "503", "model": "none"}) == 1
+    assert metric_value(text, "tome_rejections_total", {"reason": "overloaded"}) == 1
+    assert metric_value(text, "tome_requests_total", {"status": "422"}) == 0
+    ok = c.post("/classify", content=PNG, headers={"content-type": "image/png"})
+    assert ok.status_code == 200, ok.text
