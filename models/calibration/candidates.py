@@ -62,13 +62,14 @@ def default_candidates(
     constant_rs: Sequence[int] | None = None,
     inflections: Sequence[float] = DEFAULT_INFLECTIONS,
 ) -> list[Candidate]:
-    """Constant r over a useful range, and inflected schedules at r = 0.5, 0.8 and 1.0 N/L."""
+    """Constant r over a useful range, and inflected schedules at r = 0.5, 0.8, 1.0 and 1.25 N/L (the
+    deepest reach ~2.7x on ViT-Ti: a floor for ``tier=auto`` under 2x overload)."""
     rs = default_constant_rs(model) if constant_rs is None else list(constant_rs)
     if 0 not in rs:
         rs = [0, *rs]
     found = [constant(model, r) for r in rs]
     n_per_l = per_block_r(model)
-    for fraction in (0.5, 0.8, 1.0):
+    for fraction in (0.5, 0.8, 1.0, 1.25):
         found += [inflected(model, round(fraction * n_per_l), i) for i in inflections]
     return dedupe(found)
 
