@@ -35,3 +35,12 @@ def require(path: Path) -> Path:
 def sample_images(n: int | None = None) -> list[Path]:
     """The first ``n`` (default all) real ImageNet JPEGs from ``../shared``, in file-name order."""
     return sorted(require(IMAGENET_SAMPLE).glob("*.JPEG"))[:n]
+
+
+def sample_folder(folder: Path, n: int | None = None) -> Path:
+    """``folder`` (created) holding links to the first ``n`` real photos: an images directory for a
+    command line."""
+    folder.mkdir(parents=True)
+    for path in sample_images(n):
+        (folder / path.name).symlink_to(path)
+    return folder

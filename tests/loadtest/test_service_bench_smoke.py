@@ -8,16 +8,13 @@ import subprocess
 import sys
 from pathlib import Path
 
-from tests.shared_data import sample_images
+from tests.shared_data import sample_folder
 
 REPO = Path(__file__).resolve().parents[2]
 
 
 def test_service_bench_runs_rounds_against_batched_and_batch1_servers(tmp_path: Path) -> None:
-    images = tmp_path / "images"
-    images.mkdir()
-    for src in sample_images(6):
-        (images / src.name).symlink_to(src)
+    images = sample_folder(tmp_path / "images", 6)
     out = tmp_path / "bench.json"
     cmd = [
         *(sys.executable, "-m", "loadtest.service_bench"),

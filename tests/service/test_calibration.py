@@ -23,7 +23,7 @@ from service.engine.loading import ModelLoadError, load_model
 from service.engine.normalize import Normalize
 from service.ingest.preprocess import Preprocessor
 from service.settings import ModelSpec
-from tests.shared_data import VIT_TINY_ARCH, VIT_TINY_WEIGHTS, require, sample_images
+from tests.shared_data import VIT_TINY_ARCH, VIT_TINY_WEIGHTS, require, sample_folder
 
 from .conftest import in_process_service, metric_value, tiny_settings
 
@@ -39,10 +39,7 @@ def _spec(**extra: object) -> dict:
 def calibrated(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Path, Path]]:
     """(calibration file, photo folder): ``tome-serve calibrate`` on 40 real photos, three constant r."""
     work = tmp_path_factory.mktemp("calibrate")
-    photos = work / "photos"
-    photos.mkdir()
-    for path in sample_images(PHOTOS):
-        (photos / path.name).symlink_to(path)
+    photos = sample_folder(work / "photos", PHOTOS)
     config = work / "vit-ti.toml"
     config.write_text(
         'device = "cpu"\n[[models]]\n'
@@ -179,10 +176,7 @@ def test_the_cli_refuses_a_mismatched_calibration_in_one_line(
 
 
 def test_a_reduced_dtype_study_on_cpu_is_recorded_and_refused_by_the_cpu_service(tmp_path: Path) -> None:
-    photos = tmp_path / "photos"
-    photos.mkdir()
-    for path in sample_images(8):
-        (photos / path.name).symlink_to(path)
+    photos = sample_folder(tmp_path / "photos", 8)
     out = tmp_path / "bf16.json"
     argv = ["--timm-name", VIT_TINY_ARCH, "--weights", str(require(VIT_TINY_WEIGHTS)), "--device", "cpu"]
     argv += ["--dtype", "bfloat16", "--images", str(photos), "--constant", "0,8", "--inflections="]
