@@ -32,9 +32,9 @@ from pathlib import Path
 from typing import Any
 
 import httpx
-from prometheus_client.parser import text_string_to_metric_families
 
 from loadtest import openloop
+from loadtest.scrape import by_label, delta, scrape
 from loadtest.server import REPO, Server
 from loadtest.workload import DEFAULT_IMAGES_DIR
 
@@ -75,23 +75,6 @@ def config(
         f"sample_rate = {shadow_rate}",
     ]
     return "\n".join(lines) + "\n"
-
-
-def scrape(url: str) -> list[tuple[str, dict[str, str], float]]:
-    text = httpx.get(f"{url}/metrics", timeout=10).text
-    return [(s.name, s.labels, s.value) for f in text_string_to_metric_families(text) for s in f.samples]
-
-
-def by_label(samples: list[tuple[str, dict[str, str], float]], name: str, label: str) -> dict[str, float]:
-    out: dict[str, float] = {}
-    for n, labels, value in samples:
-        if n == name and label in labels:
-            out[labels[label]] = out.get(labels[label], 0.0) + value
-    return out
-
-
-def delta(after: dict[str, float], before: dict[str, float]) -> dict[str, float]:
-    return {k: v - before.get(k, 0.0) for k, v in after.items() if v - before.get(k, 0.0)}
 
 
 def capacity(url: str, seconds: float, clients: int = 32) -> float:

@@ -50,9 +50,8 @@ from typing import Any
 import httpx
 import psutil
 from PIL import Image
-from prometheus_client.parser import text_string_to_metric_families
 
-from loadtest import ab, h2load, openloop
+from loadtest import ab, h2load, openloop, proctree, scrape
 from loadtest.server import REPO, Server, free_port
 from loadtest.workload import DEFAULT_IMAGES_DIR
 
@@ -76,22 +75,19 @@ def photo() -> bytes:
 
 
 def metric(url: str, name: str, **labels: str) -> float:
-    total = 0.0
-    for family in text_string_to_metric_families(httpx.get(f"{url}/metrics", timeout=10).text):
-        for sample in family.samples:
-            if sample.name == name and labels.items() <= sample.labels.items():
-                total += sample.value
-    return total
+    return scrape.total(scrape.scrape(url), name, **labels)
 
 
-def rejections(url: str) -> Counter[str]:
+def rejections(url: str) -> dict[str, float]:
     """``tome_rejections_total`` by reason."""
-    out: Counter[str] = Counter()
-    for family in text_string_to_metric_families(httpx.get(f"{url}/metrics", timeout=10).text):
-        for sample in family.samples:
-            if sample.name == "tome_rejections_total":
-                out[sample.labels["reason"]] += int(sample.value)
-    return out
+    return scrape.by_label(scrape.scrape(url), "tome_rejections_total", "reason")
+
+
+def photo_file(work: Path) -> Path:
+    """The photo as a file in ``work``, for the generators that post a file."""
+    body = work / "photo.jpg"
+    body.write_bytes(photo())
+    return body
 
 
 def tree_rss(pid: int) -> int:
@@ -171,9 +167,7 @@ def _poll(url: str, path: str, stop: threading.Event, out: list[float]) -> None:
 
 def _openloop(url: str, rate: float, seconds: float, work: Path, tag: str, generator: str) -> dict[str, Any]:
     if generator == "h2load":
-        body = work / "photo.jpg"
-        body.write_bytes(photo())
-        return h2load.run(f"{url}/classify", body, "image/jpeg", rate, seconds)
+        return h2load.run(f"{url}/classify", photo_file(work), "image/jpeg", rate, seconds)
     images = work / "images"
     images.mkdir(exist_ok=True)
     (images / "photo.jpg").write_bytes(photo())
@@ -184,9 +178,7 @@ def _openloop(url: str, rate: float, seconds: float, work: Path, tag: str, gener
 def capacity(server: Server, work: Path, seconds: float = 10, clients: int = 32) -> float:
     """Closed-loop requests/s of ApacheBench (``clients`` concurrent) posting the photo: a C client, so
     the figure is the server's, not a Python load generator's."""
-    body = work / "photo.jpg"
-    body.write_bytes(photo())
-    result = ab.run("ab", f"{server.url}/classify", body, "image/jpeg", clients, seconds)
+    result = ab.run("ab", f"{server.url}/classify", photo_file(work), "image/jpeg", clients, seconds)
     return result.rps
 
 
@@ -210,7 +202,7 @@ def overload(
         before = rejections(server.url)
         run = _openloop(server.url, cap * load, seconds, work, f"{load}x", generator)
         stop.set()
-        refused_by = rejections(server.url) - before
+        refused_by = scrape.delta(rejections(server.url), before)
         for t in pollers:
             t.join()
         refused = run["latency_ms"]["refused"] or {}
@@ -219,7 +211,7 @@ def overload(
             "goodput_rps": round(run["goodput_rps"], 1),
             "goodput_of_capacity": round(run["goodput_rps"] / cap, 3),
             "counts": run["counts"],
-            "refused_by": dict(refused_by),
+            "refused_by": {reason: int(n) for reason, n in refused_by.items()},
             "refusal_p50_ms": refused.get("p50"),
             "refusal_p99_ms": refused.get("p99"),
             "healthz_max_s": round(max(health), 3) if health else None,
@@ -238,15 +230,15 @@ def refusal_cost(server: Server, work: Path, rate: float = 1000, seconds: float 
     every one refused (503 overloaded) before its body is read."""
     if not h2load.available():
         return {"skipped": "h2load is not installed (apt-get install nghttp2-client)"}
-    body = work / "photo.jpg"
-    body.write_bytes(photo())
+    body = photo_file(work)
     holder = socket.create_connection(("127.0.0.1", server.port))
     holder.sendall(head(len(body.read_bytes())) + b"\xff\xd8")
     time.sleep(0.5)
     try:
-        before, generator_before = _tree_cpu_s(server.pid), _children_cpu_s()
+        before, generator_before = proctree.cpu_snapshot(server.pid), _children_cpu_s()
         run = h2load.run(f"{server.url}/classify", body, "image/jpeg", rate, seconds, warmup=0)
-        server_s, generator_s = _tree_cpu_s(server.pid) - before, _children_cpu_s() - generator_before
+        generator_s = _children_cpu_s() - generator_before
+        server_s = proctree.cpu_delta(before, proctree.cpu_snapshot(server.pid)).total_s
     finally:
         holder.close()
     sent = sum(run["counts"].values())
@@ -257,17 +249,6 @@ def refusal_cost(server: Server, work: Path, rate: float = 1000, seconds: float 
         "generator_cpu_ms_per_request": round(1000 * generator_s / sent, 3),
         "refusal_p50_ms": (run["latency_ms"]["refused"] or {}).get("p50"),
     }
-
-
-def _tree_cpu_s(pid: int) -> float:
-    total = 0.0
-    for proc in [psutil.Process(pid), *psutil.Process(pid).children(recursive=True)]:
-        try:
-            times = proc.cpu_times()
-        except psutil.Error:
-            continue
-        total += times.user + times.system
-    return total
 
 
 def _children_cpu_s() -> float:
