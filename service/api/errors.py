@@ -53,14 +53,23 @@ def count(metrics: FrontendMetrics, outcome: Outcome, status: int) -> None:
         metrics.request_duration.labels(**labels).observe(time.perf_counter() - outcome.started)
 
 
+def refusal(
+    metrics: FrontendMetrics, error: ServiceError, outcome: Outcome | None, request_id: str | None
+) -> Response:
+    """Count ``error`` (as a rejection unless it is a server fault or nobody listens; as the classify
+    request ``outcome`` when there is one) and render it."""
+    if error.code not in NOT_REJECTIONS:
+        metrics.reject(error.code)
+    if outcome is not None:
+        count(metrics, outcome, error.status)
+    return error_response(error, request_id)
+
+
 async def service_error(request: Request, exc: Exception) -> Response:
     assert isinstance(exc, ServiceError)
-    if exc.code not in NOT_REJECTIONS:
-        request.app.state.frontend.metrics.reject(exc.code)
     outcome: Outcome | None = getattr(request.state, "outcome", None)
-    if outcome is not None:
-        count_request(request, outcome, exc.status)
-    return error_response(exc, outcome.request_id if outcome else request.headers.get(REQUEST_ID_HEADER))
+    request_id = outcome.request_id if outcome else request.headers.get(REQUEST_ID_HEADER)
+    return refusal(request.app.state.frontend.metrics, exc, outcome, request_id)
 
 
 async def validation_error(request: Request, exc: Exception) -> Response:

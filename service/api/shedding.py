@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from .errors import Outcome, count, error_response
+from .errors import Outcome, refusal
 from .request_ids import REQUEST_ID_HEADER, sane
 from .state import Frontend
 
@@ -33,9 +33,8 @@ class ShedBeforeRouting:
             error = self.frontend.early_refusal()
             if error is not None:
                 outcome = Outcome(self._request_id(scope))
-                self.frontend.metrics.reject(error.code)
-                count(self.frontend.metrics, outcome, error.status)
-                await error_response(error, outcome.request_id)(scope, receive, send)
+                response = refusal(self.frontend.metrics, error, outcome, outcome.request_id)
+                await response(scope, receive, send)
                 return
         await self.app(scope, receive, send)
 
