@@ -1,0 +1,80 @@
+"""The front-end/engine wire format: length-prefixed msgpack messages, however the bytes arrive."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from service.ipc.protocol import (
+    MAX_MESSAGE_BYTES,
+    Cancel,
+    Hello,
+    ImageOutcome,
+    Reject,
+    Result,
+    State,
+    Submit,
+    Welcome,
+    encode,
+    read_message,
+)
+
+SAMPLE = [
+    Hello(1, 4242),
+    Welcome({"default_model": "m", "models": [{"name": "m", "labels": ["a", "b"]}]}),
+    State(True, False, {"m": {"fast": 1.6}}, {"m": {"fast": {1: 2.5, 16: 9.0}}}),
+    Submit(7, "m", "fast", 123.5, 5, [0, 3], [True, False]),
+    Submit(8, "m", 13, 124.0, 1, [1]),
+    Cancel(7),
+    Result(
+        8,
+        "fast",
+        "fits",
+        [ImageOutcome(0.01, 0.02, 2, [3, 1], [0.9, 0.05]), ImageOutcome(0, 0, 2, [], [], "bad")],
+    ),
+    Reject(9, "queue_full", "full"),
+]
+
+
+async def _read_all(chunks: list[bytes]) -> list[object]:
+    """Every message until the stream ends; a message cut short by the end raises."""
+    reader = asyncio.StreamReader()
+
+    async def feed() -> None:
+        for chunk in chunks:
+            reader.feed_data(chunk)
+            await asyncio.sleep(0)  # let the reader wait for the rest, as with a real socket
+        reader.feed_eof()
+
+    feeder = asyncio.create_task(feed())
+    out: list[object] = []
+    try:
+        while not (reader.at_eof() and feeder.done()):
+            out.append(await read_message(reader))
+    except asyncio.IncompleteReadError as e:
+        if e.partial:
+            raise
+    await feeder
+    return out
+
+
+def test_messages_survive_any_split_of_the_stream() -> None:
+    stream = b"".join(encode(m) for m in SAMPLE)
+    whole = asyncio.run(_read_all([stream]))
+    assert whole == SAMPLE
+    one_byte_at_a_time = asyncio.run(_read_all([stream[i : i + 1] for i in range(len(stream))]))
+    assert one_byte_at_a_time == SAMPLE
+    assert isinstance(whole[6], Result) and whole[6].images[1].error == "bad"
+
+
+def test_a_message_over_the_limit_is_refused_before_its_body_is_read() -> None:
+    header = (MAX_MESSAGE_BYTES + 1).to_bytes(4, "big")
+    with pytest.raises(ValueError, match="over the"):
+        asyncio.run(_read_all([encode(Cancel(1)), header]))
+
+
+def test_a_message_cut_short_by_the_writer_closing_raises() -> None:
+    stream = encode(Cancel(1)) + encode(Cancel(2))[:-1]
+    with pytest.raises(asyncio.IncompleteReadError):
+        asyncio.run(_read_all([stream]))
