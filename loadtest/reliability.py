@@ -13,7 +13,9 @@ random-weight ViT, CPU) for each probe and prints one line per probe (JSON with 
   ``loadtest.openloop`` (Python; ``--generator`` picks). On a small host the generator shares the
   cores with the server, so for this probe the server runs at nice 5: the generator keeps its
   schedule (else its own lateness reads as the service's latency), and the capacity is measured in
-  the same conditions.
+  the same conditions. ``--server-cpus 0 --generator-cpus 1`` instead gives each its own cores
+  (``taskset``; the server at normal priority), as a separate load host would: what overload costs
+  the server itself, apart from the CPU the generator takes from it.
 - ``refusal_cost``: the server's CPU per refused request: one stalled upload holds the only admission
   of a one-front-end server, and h2load sends 1,000 photos/s for 10 s, every one refused.
 - ``trickle``: connections trickling a body at 10 B/s and others trickling headers: how long until the
@@ -32,8 +34,10 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import http.client
 import io
 import json
+import os
 import resource
 import signal
 import socket
@@ -41,6 +45,7 @@ import statistics
 import tempfile
 import threading
 import time
+import urllib.parse
 from collections import Counter
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -155,13 +160,25 @@ def _still_serving(server: Server) -> bool:
 
 
 def _poll(url: str, path: str, stop: threading.Event, out: list[float]) -> None:
+    """Every 0.5 s, the seconds one GET of ``path`` takes on a new connection (as a kubelet probe
+    makes it: through the listening socket's accept queue); inf when it fails.
+
+    ``http.client``, not ``httpx.get``: httpx builds an SSL context for every call, 44 ms of CPU
+    measured here, so four pollers at 2 Hz took ~18% of this 2-core host from the server under test
+    (at nice 5, it yielded to them): the overload probe's goodput medians read 0.71-0.84 of capacity
+    with them and 0.87-0.98 without (RELIABILITY.md)."""
+    host, port = urllib.parse.urlsplit(url).hostname, urllib.parse.urlsplit(url).port
     while not stop.is_set():
         start = time.monotonic()
+        conn = http.client.HTTPConnection(host or "127.0.0.1", port, timeout=10)
         try:
-            httpx.get(f"{url}{path}", timeout=10)
+            conn.request("GET", path)
+            conn.getresponse().read()
             out.append(time.monotonic() - start)
-        except httpx.TransportError:
+        except (OSError, http.client.HTTPException):
             out.append(float("inf"))
+        finally:
+            conn.close()
         stop.wait(0.5)
 
 
@@ -183,45 +200,88 @@ def capacity(server: Server, work: Path, seconds: float = 10, clients: int = 32)
 
 
 def overload(
-    server: Server, work: Path, loads: list[float], seconds: float, probe_port: int, generator: str
+    server: Server,
+    work: Path,
+    loads: list[float],
+    seconds: float,
+    probe_port: int,
+    generator: str,
+    rounds: int = 1,
 ) -> dict[str, Any]:
-    """Also polls the probes on ``server.probe_port`` (their own accept queue), beside the main port's."""
+    """Also polls the probes on ``server.probe_port`` (their own accept queue), beside the main port's.
+
+    Capacity is measured again after each load, and each load's goodput is taken against the mean of
+    the capacities just before and just after it: this VM's speed drifts by up to ~25% within a minute
+    (ApacheBench read 35.0 and 45.6 req/s in consecutive 10 s runs on one server), which one capacity
+    figure at the start would put into every ratio. With ``rounds`` > 1 the loads repeat and each
+    ratio is the median over rounds. ``served_of_capacity`` is the server's own view: images the
+    engine classified per second while the load ran (``tome_images_total``), against the same
+    capacity."""
     cap = capacity(server, work)
-    out: dict[str, Any] = {"capacity_rps": round(cap, 1), "generator": generator}
-    probe_url = f"http://127.0.0.1:{probe_port}"
-    for load in loads:
-        stop, health, ready, probe_health, probe_ready = threading.Event(), [], [], [], []
-        pollers = [
-            threading.Thread(target=_poll, args=(server.url, "/healthz", stop, health)),
-            threading.Thread(target=_poll, args=(server.url, "/readyz", stop, ready)),
-            threading.Thread(target=_poll, args=(probe_url, "/healthz", stop, probe_health)),
-            threading.Thread(target=_poll, args=(probe_url, "/readyz", stop, probe_ready)),
-        ]
-        for t in pollers:
-            t.start()
-        before = rejections(server.url)
-        run = _openloop(server.url, cap * load, seconds, work, f"{load}x", generator)
-        stop.set()
-        refused_by = scrape.delta(rejections(server.url), before)
-        for t in pollers:
-            t.join()
-        refused = run["latency_ms"]["refused"] or {}
-        out[f"{load}x"] = {
-            "offered_rps": round(run.get("offered_rate", cap * load), 1),
-            "goodput_rps": round(run["goodput_rps"], 1),
-            "goodput_of_capacity": round(run["goodput_rps"] / cap, 3),
-            "counts": run["counts"],
-            "refused_by": {reason: int(n) for reason, n in refused_by.items()},
-            "refusal_p50_ms": refused.get("p50"),
-            "refusal_p99_ms": refused.get("p99"),
-            "healthz_max_s": round(max(health), 3) if health else None,
-            "readyz_max_s": round(max(ready), 3) if ready else None,
-            "probe_port_healthz_max_s": round(max(probe_health), 3) if probe_health else None,
-            "probe_port_readyz_max_s": round(max(probe_ready), 3) if probe_ready else None,
-            "generator_behind_schedule": run["generator"]["behind_reasons"],
+    out: dict[str, Any] = {"capacity_rps": round(cap, 1), "generator": generator, "rounds": rounds}
+    capacities = [cap]
+    per_load: dict[float, list[dict[str, Any]]] = {load: [] for load in loads}
+    for _ in range(rounds):
+        for load in loads:
+            per_load[load].append(_one_load(server, work, cap * load, seconds, probe_port, generator, load))
+            time.sleep(5)  # let the backlog drain before measuring capacity again
+            capacities.append(capacity(server, work))
+            bracket = (capacities[-2] + capacities[-1]) / 2
+            entry = per_load[load][-1]
+            entry["capacity_before_after_rps"] = [round(capacities[-2], 1), round(capacities[-1], 1)]
+            entry["goodput_of_capacity"] = round(entry["goodput_rps"] / bracket, 3)
+            entry["served_of_capacity"] = round(entry.pop("served_ips") / bracket, 3)
+    for load, entries in per_load.items():
+        summary: dict[str, Any] = {
+            key: statistics.median(e[key] for e in entries)
+            for key in ("goodput_of_capacity", "served_of_capacity")
         }
-        time.sleep(5)  # let the backlog drain before the next load
+        for key in ("healthz_max_s", "readyz_max_s", "probe_port_healthz_max_s", "probe_port_readyz_max_s"):
+            values = [e[key] for e in entries if e[key] is not None]
+            summary[key] = max(values) if values else None
+        out[f"{load}x"] = entries[0] if rounds == 1 else {**summary, "rounds": entries}
     return out
+
+
+def _one_load(
+    server: Server, work: Path, rate: float, seconds: float, probe_port: int, generator: str, load: float
+) -> dict[str, Any]:
+    probe_url = f"http://127.0.0.1:{probe_port}"
+    stop, health, ready, probe_health, probe_ready = threading.Event(), [], [], [], []
+    pollers = [
+        threading.Thread(target=_poll, args=(server.url, "/healthz", stop, health)),
+        threading.Thread(target=_poll, args=(server.url, "/readyz", stop, ready)),
+        threading.Thread(target=_poll, args=(probe_url, "/healthz", stop, probe_health)),
+        threading.Thread(target=_poll, args=(probe_url, "/readyz", stop, probe_ready)),
+    ]
+    for t in pollers:
+        t.start()
+    before, images_before, started = rejections(server.url), _images(server.url), time.monotonic()
+    run = _openloop(server.url, rate, seconds, work, f"{load}x", generator)
+    served_ips = (_images(server.url) - images_before) / (time.monotonic() - started)
+    stop.set()
+    refused_by = scrape.delta(rejections(server.url), before)
+    for t in pollers:
+        t.join()
+    refused = run["latency_ms"]["refused"] or {}
+    return {
+        "offered_rps": round(run.get("offered_rate", rate), 1),
+        "goodput_rps": round(run["goodput_rps"], 1),
+        "served_ips": served_ips,
+        "counts": run["counts"],
+        "refused_by": {reason: int(n) for reason, n in refused_by.items()},
+        "refusal_p50_ms": refused.get("p50"),
+        "refusal_p99_ms": refused.get("p99"),
+        "healthz_max_s": round(max(health), 3) if health else None,
+        "readyz_max_s": round(max(ready), 3) if ready else None,
+        "probe_port_healthz_max_s": round(max(probe_health), 3) if probe_health else None,
+        "probe_port_readyz_max_s": round(max(probe_ready), 3) if probe_ready else None,
+        "generator_behind_schedule": run["generator"]["behind_reasons"],
+    }
+
+
+def _images(url: str) -> float:
+    return scrape.total(scrape.scrape(url), "tome_images_total")
 
 
 def refusal_cost(server: Server, work: Path, rate: float = 1000, seconds: float = 10) -> dict[str, Any]:
@@ -423,12 +483,22 @@ def png_flood(server: Server, seconds: float = 20, flooders: int = 4, normals: i
 
 
 # ---- main ------------------------------------------------------------------------------------------
+def cpu_list(text: str) -> set[int]:
+    """A taskset-style list ("1", "0,2", "2-3") as a set of core numbers."""
+    cores: set[int] = set()
+    for part in text.split(","):
+        first, _, last = part.partition("-")
+        cores.update(range(int(first), int(last or first) + 1))
+    return cores
+
+
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(prog="loadtest.reliability", description=__doc__.splitlines()[0])
     p.add_argument("--probes", default=",".join(PROBES), help=f"comma list of {', '.join(PROBES)}")
     p.add_argument("--config", type=Path, default=DEMO_CONFIG)
     p.add_argument("--loads", default="1.5,3", help="overload: multiples of the measured capacity")
     p.add_argument("--overload-seconds", type=float, default=20)
+    p.add_argument("--rounds", type=int, default=1, help="overload: repeat the loads; ratios are medians")
     p.add_argument(
         "--generator",
         choices=("h2load", "python"),
@@ -436,11 +506,20 @@ def main(argv: list[str] | None = None) -> None:
         help="overload: open-loop arrivals from nghttp2's h2load (C; the default where it is installed) "
         "or loadtest.openloop (Python, several times the CPU per request)",
     )
+    p.add_argument("--server-cpus", help="overload: the server's cores (taskset list, e.g. 0)")
+    p.add_argument("--generator-cpus", help="overload: the load generators' cores (e.g. 1)")
     p.add_argument("--json", type=Path)
     args = p.parse_args(argv)
+    if bool(args.server_cpus) != bool(args.generator_cpus):
+        p.error("--server-cpus and --generator-cpus go together")
+    split = bool(args.server_cpus)
+    if split:  # inherited by ab, h2load and the health pollers; the server is pinned by taskset
+        os.sched_setaffinity(0, cpu_list(args.generator_cpus))
     config = args.config.read_text()
     probe_port = free_port()
     results: dict[str, Any] = {"config": str(args.config)}
+    if split:
+        results["cpus"] = {"server": args.server_cpus, "generator": args.generator_cpus}
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
         probes: dict[str, Callable[[Server], dict[str, Any]]] = {
@@ -452,6 +531,7 @@ def main(argv: list[str] | None = None) -> None:
                 args.overload_seconds,
                 probe_port,
                 args.generator,
+                args.rounds,
             ),
             "refusal_cost": lambda s: refusal_cost(s, work),
             "trickle": trickle,
@@ -461,7 +541,9 @@ def main(argv: list[str] | None = None) -> None:
         }
         for name in args.probes.split(","):
             text = config + PROBE_SERVER_SETTINGS.get(name, "").format(probe_port=probe_port)
-            server = Server(text, work, log_level="info", nice=5 if name == "overload" else 0)
+            shared = name == "overload" and not split  # the generator shares the server's cores
+            cpus = args.server_cpus if name == "overload" else None
+            server = Server(text, work, log_level="info", nice=5 if shared else 0, cpus=cpus)
             try:
                 server.wait_ready()
                 results[name] = probes[name](server)

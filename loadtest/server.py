@@ -28,7 +28,14 @@ class Server:
     descendants.
     """
 
-    def __init__(self, config_text: str, workdir: Path, log_level: str = "warning", nice: int = 0) -> None:
+    def __init__(
+        self,
+        config_text: str,
+        workdir: Path,
+        log_level: str = "warning",
+        nice: int = 0,
+        cpus: str | None = None,
+    ) -> None:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.config = workdir / f"server-{self.port}.toml"
@@ -36,6 +43,7 @@ class Server:
         self.log_path = workdir / f"server-{self.port}.log"
         self._log: IO[bytes] = self.log_path.open("wb")
         cmd = ["nice", "-n", str(nice)] if nice else []  # a lower priority than a load generator's
+        cmd += ["taskset", "-c", cpus] if cpus else []  # e.g. cores of its own, apart from the generator's
         cmd += [sys.executable, "-m", "service.cli", "--config", str(self.config)]
         cmd += ["--host", "127.0.0.1", "--port", str(self.port), "--log-level", log_level]
         self.proc = subprocess.Popen(cmd, cwd=REPO, stdout=self._log, stderr=subprocess.STDOUT)

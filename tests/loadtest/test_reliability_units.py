@@ -1,0 +1,54 @@
+"""The reliability bench's own parts: core lists for taskset, and the health poller."""
+
+from __future__ import annotations
+
+import http.server
+import threading
+import time
+
+from loadtest.reliability import _poll, cpu_list
+
+
+def test_cpu_list_reads_taskset_lists() -> None:
+    assert cpu_list("1") == {1}
+    assert cpu_list("0,2-3") == {0, 2, 3}
+
+
+def _slow_health_server(clients: set[tuple[str, int]]) -> http.server.ThreadingHTTPServer:
+    """Answers every GET after 50 ms, recording each connection's client address."""
+
+    class Slow(http.server.BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            clients.add(self.client_address)
+            time.sleep(0.05)
+            self.send_response(200)
+            self.send_header("content-length", "0")
+            self.end_headers()
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    return http.server.ThreadingHTTPServer(("127.0.0.1", 0), Slow)
+
+
+def test_the_poller_times_each_probe_on_a_new_connection_and_records_failures() -> None:
+    clients: set[tuple[str, int]] = set()
+    server = _slow_health_server(clients)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    url = f"http://127.0.0.1:{server.server_address[1]}"
+    stop, seen = threading.Event(), []
+    poller = threading.Thread(target=_poll, args=(url, "/healthz", stop, seen))
+    poller.start()
+    time.sleep(1.2)  # every 0.5 s: 3 probes
+    stop.set()
+    poller.join()
+    server.shutdown()
+    server.server_close()
+    assert len(seen) >= 2 and all(0.05 <= s < 2 for s in seen)
+    assert len(clients) == len(seen)  # a new connection (client port) per probe, like a kubelet
+
+    stop, failed = threading.Event(), []
+    stop_later = threading.Timer(0.2, stop.set)
+    stop_later.start()
+    _poll(url, "/healthz", stop, failed)  # the server is gone
+    assert failed and all(s == float("inf") for s in failed)
