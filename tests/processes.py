@@ -31,6 +31,25 @@ def http_get(url: str, timeout: float = 5.0) -> tuple[int, bytes]:
         return e.code, e.read()
 
 
+def read_response(sock: socket.socket, timeout: float) -> str:
+    """One whole HTTP/1.1 response, its head and then Content-Length bytes of body, which may come in
+    separate segments (a streamed answer writes them apart); what arrived, if the peer closes first."""
+    sock.settimeout(timeout)
+    data = b""
+    while b"\r\n\r\n" not in data:
+        chunk = sock.recv(65536)
+        if not chunk:
+            return data.decode(errors="replace")
+        data += chunk
+    head, _, body = data.partition(b"\r\n\r\n")
+    lengths = [
+        line.split(b":", 1)[1] for line in head.split(b"\r\n") if line.lower().startswith(b"content-length:")
+    ]
+    while len(body) < (int(lengths[0]) if lengths else 0) and (chunk := sock.recv(65536)):
+        body += chunk
+    return (head + b"\r\n\r\n" + body).decode(errors="replace")
+
+
 def log_tail(log: Path, n: int = 40) -> str:
     return "\n".join(log.read_text(errors="replace").splitlines()[-n:])
 

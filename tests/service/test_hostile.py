@@ -16,7 +16,7 @@ from pathlib import Path
 import httpx
 from PIL import Image
 
-from tests.processes import serving
+from tests.processes import read_response, serving
 
 from .conftest import image_bytes, metric_value
 
@@ -70,26 +70,6 @@ def reply(s: socket.socket, timeout: float) -> str:
         return s.recv(65536).decode(errors="replace")
     except (TimeoutError, ConnectionResetError):
         return ""
-
-
-def whole_reply(s: socket.socket, timeout: float) -> str:
-    """One complete response (headers, then Content-Length bytes of body): its status line."""
-    s.settimeout(timeout)
-    data = b""
-    while b"\r\n\r\n" not in data:
-        chunk = s.recv(65536)
-        if not chunk:
-            return data.decode(errors="replace")
-        data += chunk
-    head, _, body = data.partition(b"\r\n\r\n")
-    length = next(
-        int(line.split(b":", 1)[1])
-        for line in head.split(b"\r\n")
-        if line.lower().startswith(b"content-length:")
-    )
-    while len(body) < length:
-        body += s.recv(65536)
-    return head.split(b"\r\n", 1)[0].decode()
 
 
 def metrics(url: str) -> str:
@@ -168,9 +148,9 @@ def test_a_large_body_answered_early_does_not_count_as_the_next_requests_headers
     with serve(tmp_path) as (_, port, _, _):
         early = b"POST /classify?tier=nope HTTP/1.1\r\nHost: x\r\nContent-Type: image/png\r\n"
         s = raw(port, early + b"Content-Length: 600000\r\n\r\n", b"\0" * 600_000)
-        assert whole_reply(s, 10).startswith("HTTP/1.1 400")
+        assert read_response(s, 10).startswith("HTTP/1.1 400")
         s.sendall(head(len(PNG)) + PNG)  # the same connection
-        assert whole_reply(s, 30).startswith("HTTP/1.1 200")
+        assert read_response(s, 30).startswith("HTTP/1.1 200")
         s.close()
 
 

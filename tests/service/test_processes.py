@@ -18,7 +18,7 @@ import httpx
 import psutil
 
 from loadtest import openloop
-from tests.processes import free_port, serving
+from tests.processes import free_port, read_response, serving
 
 from .conftest import image_bytes, metric_value
 
@@ -156,8 +156,7 @@ def test_admission_refuses_before_reading_the_body(tmp_path: Path) -> None:
         start = time.monotonic()
         with socket.create_connection(("127.0.0.1", port)) as s:  # headers only: no body ever comes
             s.sendall(head)
-            s.settimeout(5)
-            reply = s.recv(4096).decode(errors="replace")
+            reply = read_response(s, 5)
         assert time.monotonic() - start < 1.0
         assert reply.startswith("HTTP/1.1 503") and '"overloaded"' in reply and "retry-after" in reply.lower()
         for s in holders:
