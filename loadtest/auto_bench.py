@@ -44,7 +44,11 @@ WEIGHTS = SHARED / "models" / f"{ARCH}.safetensors"
 
 
 def config(
-    calibration: Path, objective_ms: float, shadow_rate: float, floor_min_speedup: float | None
+    calibration: Path,
+    objective_ms: float,
+    shadow_rate: float,
+    floor_min_speedup: float | None,
+    target_share: float | None = None,
 ) -> str:
     tiers = {"exact": "max_agreement_loss = 0", "balanced": "max_agreement_loss = 0.05"}
     tiers |= {"fast": "max_agreement_loss = 0.10", "fastest": "max_agreement_loss = 0.15"}
@@ -63,6 +67,7 @@ def config(
         "[models.auto]",
         f"latency_objective_ms = {objective_ms}",
         f'floor = "{"floor" if floor_min_speedup is not None else "fastest"}"',
+        *([f"target_share = {target_share}"] if target_share is not None else []),
         "[server]",  # admission sized for the objective: 10 s of the floor's ~70 img/s may wait
         "max_requests = 512",
         "max_pending_images = 512",
@@ -169,11 +174,16 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seconds", type=float, default=30, help="measured seconds per open-loop phase")
     p.add_argument("--shadow-rate", type=float, default=0.1)
     p.add_argument("--floor-min-speedup", type=float, default=None, help="add a deeper floor tier")
+    p.add_argument(
+        "--target-share", type=float, default=None, help="auto.target_share (default: the service's)"
+    )
     p.add_argument("--json", type=Path, default=None)
     args = p.parse_args(argv)
     with tempfile.TemporaryDirectory(prefix="auto-bench-") as tmp:
         work = Path(tmp)
-        text = config(args.calibration, args.objective_ms, args.shadow_rate, args.floor_min_speedup)
+        text = config(
+            args.calibration, args.objective_ms, args.shadow_rate, args.floor_min_speedup, args.target_share
+        )
         with Server(text, work) as server:
             server.wait_ready()
             tiers = tier_agreements(server.url)
