@@ -143,6 +143,7 @@ class _Evil:
         return (print, ("pickle code ran",))
 
 
+@pytest.mark.filterwarnings("ignore:Detected pickle protocol:UserWarning")  # the hostile file
 def test_pth_with_arbitrary_pickle_refused(tmp_path, capsys) -> None:
     path = tmp_path / "evil.pth"
     path.write_bytes(pickle.dumps({"state_dict": _Evil()}))
