@@ -8,13 +8,14 @@ from pathlib import Path
 
 import pytest
 
-from loadtest import hostpath, openloop, run, service_bench
+from loadtest import floor, hostpath, openloop, run, service_bench
 
 README = Path(__file__).resolve().parents[2] / "loadtest" / "README.md"
 PARSERS = {
     "loadtest.run": run.parse_args,
     "loadtest.openloop": openloop.parse_args,
     "loadtest.hostpath": hostpath.parse_args,
+    "loadtest.floor": floor.parse_args,
     "loadtest.service_bench": lambda argv: service_bench.parse_args(argv)[1],
 }
 
