@@ -15,6 +15,9 @@ fidelity monitor sampling ``--shadow-rate`` of the images served at a merging ti
    ``tier=exact``, then all ``tier=auto``: refusals (503/504), latency of the answers, tier mix of auto;
 3. the same at ``--light`` x capacity with ``tier=auto``: everything should be served at ``exact``.
 
+``--rounds N`` repeats 1-3 on the same server (capacity measured again each round, so the offered load
+follows this VM's drifting speed) and ends with a summary: per round, the refusals of each phase.
+
 Effective agreement of auto's traffic: the calibrated agreement of each tier weighted by the images auto
 sent to it (``tome_auto_tier_total``), and the fidelity monitor's live figures
 (``tome_shadow_{checks,agreements}_total`` over the whole run, read once its idle-time work is done).
@@ -165,6 +168,49 @@ def tier_agreements(url: str) -> dict[str, dict[str, Any]]:
     return out
 
 
+def one_round(url: str, args: argparse.Namespace, work: Path, agreement: dict[str, float]) -> dict[str, Any]:
+    """Capacity, then fixed exact and auto at the overload, then auto at the light load."""
+    cap = capacity(url, 20)
+    print(f"capacity at exact: {cap:.2f} req/s", flush=True)
+    out: dict[str, Any] = {"capacity_rps": round(cap, 2), "phases": []}
+    for tier, load in (("exact", args.overload), ("auto", args.overload), ("auto", args.light)):
+        time.sleep(10)  # the backlog of the phase before drains
+        ph = phase(url, tier, load * cap, args.seconds, work, agreement)
+        ph["load"] = load
+        print(json.dumps(ph), flush=True)
+        out["phases"].append(ph)
+    time.sleep(10)
+    after = capacity(url, 20)  # this VM's speed drifts: how far from 2x the overload really was
+    out["capacity_after_rps"] = round(after, 2)
+    for ph in out["phases"]:
+        ph["load_vs_mean_capacity"] = round(ph["offered_rps"] / ((cap + after) / 2), 2)
+    print(f"capacity at exact after the round: {after:.2f} req/s", flush=True)
+    return out
+
+
+def summary(rounds: list[dict[str, Any]]) -> str:
+    """One line per round: capacity and, per phase, served / refused (and auto's effective agreement)."""
+    lines = []
+    for i, rnd in enumerate(rounds, 1):
+        before, after = rnd["capacity_rps"], rnd["capacity_after_rps"]
+        parts = [f"round {i}: capacity {before:.1f} req/s before, {after:.1f} after"]
+        for ph in rnd["phases"]:
+            served = ph["counts"].get("200", 0)
+            text = f"{ph['load']:g}x {ph['tier']} ({ph['load_vs_mean_capacity']:.2f}x their mean): "
+            text += f"{served} served, {ph['refused']} refused"
+            if "effective_agreement_calibrated" in ph:
+                at_exact = ph["auto_tier_mix"].get("exact", 0) / sum(ph["auto_tier_mix"].values())
+                text += f" ({at_exact:.0%} at exact, agreement {ph['effective_agreement_calibrated']:.1%})"
+            parts.append(text)
+        lines.append("; ".join(parts))
+    heavy = [
+        max((ph for ph in rnd["phases"] if ph["tier"] == "auto"), key=lambda ph: ph["load"]) for rnd in rounds
+    ]
+    met = sum(1 for ph in heavy if ph["refused"] == 0)
+    lines.append(f"rounds whose overloaded auto phase refused nothing: {met} of {len(rounds)}")
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--calibration", type=Path, required=True, help="tome-serve calibrate's file for ViT-Ti")
@@ -177,8 +223,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument(
         "--target-share", type=float, default=None, help="auto.target_share (default: the service's)"
     )
+    p.add_argument("--rounds", type=int, default=1, help="capacity + the three phases, this many times")
     p.add_argument("--json", type=Path, default=None)
     args = p.parse_args(argv)
+    if args.rounds < 1:
+        p.error("--rounds must be at least 1")
     with tempfile.TemporaryDirectory(prefix="auto-bench-") as tmp:
         work = Path(tmp)
         text = config(
@@ -189,15 +238,12 @@ def main(argv: list[str] | None = None) -> int:
             tiers = tier_agreements(server.url)
             agreement = {name: t["agreement"] for name, t in tiers.items()}
             print("tiers:", json.dumps(tiers), flush=True)
-            cap = capacity(server.url, 20)
-            print(f"capacity at exact: {cap:.2f} req/s", flush=True)
-            result: dict[str, Any] = {"tiers": tiers, "capacity_rps": round(cap, 2), "phases": []}
-            for tier, load in (("exact", args.overload), ("auto", args.overload), ("auto", args.light)):
-                time.sleep(10)  # the backlog of the phase before drains
-                ph = phase(server.url, tier, load * cap, args.seconds, work, agreement)
-                ph["load"] = load
-                print(json.dumps(ph), flush=True)
-                result["phases"].append(ph)
+            result: dict[str, Any] = {"tiers": tiers, "rounds": []}
+            for n in range(args.rounds):
+                if n:
+                    time.sleep(10)  # the backlog of the round before drains
+                result["rounds"].append(one_round(server.url, args, work, agreement))
+            result |= result["rounds"][0]  # the first round's figures at the top level, as before
             time.sleep(15)  # the fidelity monitor's idle-time work finishes
             samples = scrape(server.url)
             checks = by_label(samples, "tome_shadow_checks_total", "tier")
@@ -211,6 +257,7 @@ def main(argv: list[str] | None = None) -> int:
                 else None,
             }
             print("shadow:", json.dumps(result["shadow"]), flush=True)
+    print(summary(result["rounds"]), flush=True)
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(result, indent=2))
