@@ -116,10 +116,11 @@ def test_cuda_async_path_returns_what_eager_computes() -> None:
             lambda: [runner.graphs.capture(tier.name, tier.r, b, 64, 64) for b in runner.buckets]
         )
         run = runner.runner_for(tier)
-        outs = await asyncio.gather(run([0, 1, 2]), run([3, 4, 5, 6, 7]), run([8]))
-        expected = await threads.call(lambda: runner.forward(slots[:9].cuda(), tier))
-        got = [i for out in outs for i in out.indices]
-        assert [row[0] for row in got] == expected[1][:, 0].tolist()
+        batches = [[0, 1, 2], [3, 4, 5, 6, 7], [8]]
+        outs = await asyncio.gather(*(run(batch) for batch in batches))
+        for batch, out in zip(batches, outs, strict=True):  # each batch as it ran: same bucket, same graph
+            _, expected = await threads.call(lambda b=batch: runner.forward(slots[b].cuda(), tier))
+            assert [row[0] for row in out.indices] == expected[:, 0].tolist()
 
     asyncio.run(main())
     threads.shutdown()
