@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from loadtest import floor, hostpath, openloop, run, service_bench
+from loadtest import floor, hostpath, openloop, run, service_bench, tier_batches
 
 README = Path(__file__).resolve().parents[2] / "loadtest" / "README.md"
 PARSERS = {
@@ -17,6 +17,7 @@ PARSERS = {
     "loadtest.hostpath": hostpath.parse_args,
     "loadtest.floor": floor.parse_args,
     "loadtest.service_bench": lambda argv: service_bench.parse_args(argv)[1],
+    "loadtest.tier_batches": tier_batches.parse_args,
 }
 
 
