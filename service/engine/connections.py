@@ -50,7 +50,8 @@ class EngineServer:
 
     def _broadcast(self, state: State) -> None:
         for conn in self._connections.values():
-            conn.send(state)
+            if conn.frontend is not None:  # not before its Welcome: a front-end reads that first
+                conn.send(state)
 
     async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         conn = _Connection(next(self._ids), writer)

@@ -3,9 +3,15 @@
 from __future__ import annotations
 
 import asyncio
+import os
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
 
 import pytest
 
+from service.engine.connections import EngineServer
+from service.ipc.client import EngineClient
 from service.ipc.protocol import (
     MAX_MESSAGE_BYTES,
     Cancel,
@@ -78,3 +84,56 @@ def test_a_message_cut_short_by_the_writer_closing_raises() -> None:
     stream = encode(Cancel(1)) + encode(Cancel(2))[:-1]
     with pytest.raises(asyncio.IncompleteReadError):
         asyncio.run(_read_all([stream]))
+
+
+class _StateOnlyEngine:
+    """What EngineServer needs of an engine, with a state change to broadcast at will."""
+
+    def __init__(self) -> None:
+        self.listeners: list[Callable[[State], None]] = []
+
+    def on_state(self, listener: Callable[[State], None]) -> None:
+        self.listeners.append(listener)
+
+    def description(self) -> dict:
+        return {"models": []}
+
+    def state(self) -> State:
+        return State(True, False, {}, {})
+
+    def publish(self) -> None:  # as the engine does at the end of warm-up and when draining
+        for listener in self.listeners:
+            listener(self.state())
+
+    def cancel_connection(self, conn_id: int) -> None:
+        pass
+
+
+def test_a_state_change_before_a_front_ends_hello_does_not_precede_its_welcome() -> None:
+    """Front-ends connect while the engine warms up; a connection accepted but not yet greeted must
+    not receive the end-of-warm-up State first (the front-end reads Welcome first and failed to start)."""
+
+    async def main(path: Path) -> list[object]:
+        engine = _StateOnlyEngine()
+        server = EngineServer(engine, path)  # type: ignore[arg-type]
+        await server.start()
+        try:
+            reader, writer = await asyncio.open_unix_connection(str(path))
+            await asyncio.sleep(0.05)  # accepted by the server, no hello yet
+            engine.publish()
+            writer.write(encode(Hello(1, os.getpid())))
+            first = [await asyncio.wait_for(read_message(reader), 5) for _ in range(2)]
+            writer.close()
+            client = EngineClient(path, 2)  # the real client against the same server
+            await client.connect(5)
+            engine.publish()
+            await asyncio.sleep(0.05)
+            assert client.connected and client.state.ready
+            await client.close()
+            return first
+        finally:
+            await server.close()
+
+    with tempfile.TemporaryDirectory() as d:
+        first, second = asyncio.run(main(Path(d) / "engine.sock"))
+    assert isinstance(first, Welcome) and isinstance(second, State), (first, second)
