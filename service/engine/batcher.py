@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import math
 import time
 from collections import deque
 from collections.abc import Awaitable, Callable, Coroutine, Sequence
@@ -192,11 +193,18 @@ class Batcher:
             times = self.batch_times.get(queue.model)
             if times is not None and queue.live and queue is not leave_out:
                 total += times.drain(queue.tier, queue.live)
-        for started, model, tier, images in self._running.values():
+        return total + self._busy_s(now)
+
+    def _busy_s(self, now: float) -> float:
+        """Predicted seconds until the device has run the batches in flight. They run one after another:
+        with ``pipeline_depth`` > 1 a batch launched behind another waits for it on the device, so
+        crediting each with the time since its launch would count the overlap twice."""
+        end = -math.inf
+        for started, model, tier, images in sorted(self._running.values()):
             times = self.batch_times.get(model)
-            if times is not None:
-                total += max(0.0, times.batch(tier, images) - (now - started))
-        return total
+            if times is not None:  # one past its predicted end is still running: it ends no earlier than now
+                end = max(now, max(end, started) + times.batch(tier, images))
+        return max(0.0, end - now)
 
     def _set_depth(self, queue: TierQueue) -> None:
         queue.metrics.depth.set(queue.live)
@@ -225,11 +233,12 @@ class Batcher:
         return best, (None if next_close is None else max(0.0, next_close - now))
 
     def _take(self, queue: TierQueue, now: float) -> list[Job]:
-        """The next batch of ``queue``. A job whose deadline falls before this batch can end (at the
-        measured batch time) gets its 504 now instead of device time: under overload a FIFO queue
-        otherwise spends the device on answers nobody waits for any more (goodput collapses)."""
+        """The next batch of ``queue``. A job whose deadline falls before this batch can end (behind the
+        batches in flight, at the measured batch times) gets its 504 now instead of device time: under
+        overload a FIFO queue otherwise spends the device on answers nobody waits for any more."""
         times = self.batch_times.get(queue.model)
         runs_s = times.batch(queue.tier, min(queue.live, self.max_batch_size)) if times is not None else 0.0
+        ends_at = now + self._busy_s(now) + runs_s  # behind the batches in flight, if any
         jobs: list[Job] = []
         while queue.jobs and len(jobs) < self.max_batch_size:
             job = queue.jobs.popleft()
@@ -237,7 +246,7 @@ class Batcher:
                 continue
             queue.live -= 1
             job.started = True
-            if now + runs_s > job.deadline:
+            if ends_at > job.deadline:
                 job.done(job, DeadlineExceeded())
                 continue
             jobs.append(job)

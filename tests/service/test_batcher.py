@@ -206,6 +206,37 @@ def test_pipeline_depth_overlaps_batches() -> None:
     asyncio.run(main())
 
 
+def test_pipelined_batches_wait_for_each_other_in_the_backlog_and_the_deadline_check() -> None:
+    """With pipeline_depth 2 the second batch in flight runs on the device after the first: the backlog
+    tier=auto predicts from is both batches' time less what has run of the first (not each batch less its
+    own time in flight), and a batch formed behind one in flight ends after it."""
+
+    async def main() -> None:
+        gates = [threading.Event() for _ in range(3)]
+
+        async def run(slots: Sequence[int], jpeg: Sequence[bool]) -> BatchOutput:
+            await asyncio.to_thread(gates[slots[0]].wait, 5)
+            return BatchOutput([[0]], [[1.0]], 2.0)  # each batch takes 2 s of device time
+
+        b, done = make(max_batch=1, wait_ms=0, depth=2), Results()
+        q = b.add_queue("m", "t", run)
+        b.batch_times["m"] = BatchTimes([1], {"t": {1: 2.0}})
+        b.start()
+        b.submit(q, [0, 1], FAR, done)
+        await asyncio.sleep(0.3)  # both launched 0.3 s ago; the first has run 0.3 s of its 2 s
+        assert len(b._running) == 2
+        assert b.backlog_s(time.monotonic()) == pytest.approx(3.7, abs=0.15)  # not 2 * 1.7
+        b.submit(q, [2], time.monotonic() + 2.5, done)  # waits for a pipeline slot
+        gates[0].set()  # the first ends; slot 2's batch forms behind the second (due ~1.7 s from now)
+        await done.wait(2)
+        assert isinstance(done.by_slot[2], DeadlineExceeded)  # ~3.7 s from now: past its 2.5 s
+        gates[1].set()
+        await done.wait(3)
+        await b.close()
+
+    asyncio.run(main())
+
+
 def test_close_runs_queued_jobs_then_refuses() -> None:
     async def main() -> None:
         log: list = []
