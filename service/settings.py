@@ -104,8 +104,9 @@ class AutoSpec(_Strict):
         0.5,
         gt=0,
         le=1,
-        description="auto images fill at most this share of a tier's queue (the rest is kept "
-        "for requests that name their tier)",
+        description="auto admits images to a tier's queue only while its live images (any request's) "
+        "stay within this share of batching.max_queue_size: the rest is kept for requests that name their "
+        "tier; an auto request with more images than the share is a 400",
     )
 
 

@@ -13,8 +13,9 @@ exponentially weighted mean); predictions are stretched by ``safety_factor`` (a 
 slower than an idle warm-up measured, and the estimate takes a few batches to follow). Hysteresis:
 moving back to a more faithful tier needs the prediction to fit with room to spare
 (``upgrade_margin``) and the last change to be ``hold_s`` old, so the choice does not flap batch to
-batch. Fairness: auto images may fill at most ``max_queue_share`` of a queue, so a flood of auto
-requests leaves room for requests that named their tier.
+batch. Fairness: auto adds images to a queue only while its live images (of any request) stay within
+``max_queue_share`` of it, so a flood of auto requests leaves room for requests that named their tier
+and auto yields to them (it moves to a faster tier with room, else 503).
 """
 
 from __future__ import annotations

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -394,6 +395,14 @@ class Engine:
         """tier=auto: the most faithful tier predicted to answer by ``deadline`` (engine/auto.py)."""
         assert self.batcher is not None
         policy, times, spec = self.auto[model], self.batcher.batch_times[model], self.models[model].spec.auto
+        cap = spec.max_queue_share * self.batcher.max_queue_size
+        if images > cap:  # would never fit, even in empty queues: not worth a retry
+            return Reject(
+                0,
+                "bad_request",
+                f"tier=auto takes at most {math.floor(cap)} images per request here (auto.max_queue_share x "
+                "batching.max_queue_size); send fewer, or name a tier",
+            )
         now = time.monotonic()
 
         def finish_at(tier: str) -> float:
@@ -409,7 +418,6 @@ class Engine:
             self.metrics.auto_decisions.labels(model=model, tier="none", reason=choice.reason).inc()
             return Reject(0, "overloaded", "even the fastest tier auto may use cannot answer by the deadline")
         tier, reason = choice.tier, choice.reason
-        cap = spec.max_queue_share * self.batcher.max_queue_size
         if self.queues[(model, tier)].live + images > cap:  # fairness: leave room for named tiers
             faster = policy.tiers[policy.tiers.index(tier) + 1 :]
             roomy = [t for t in faster if self.queues[(model, t)].live + images <= cap]

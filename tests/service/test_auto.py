@@ -102,6 +102,19 @@ def test_auto_refuses_at_once_what_even_the_floor_cannot_meet(make_client) -> No
     assert metric_value(text, "tome_images_total") == before
 
 
+def test_auto_refuses_a_request_larger_than_its_queue_share_as_a_bad_request(make_client) -> None:
+    """auto admits images while a queue holds under max_queue_share of max_queue_size: a request with more
+    images than that could never run at tier=auto, so it is a 400 that says why (not a 503 to retry);
+    the same request naming a tier is served, and a smaller one at auto too."""
+    c = make_client(batching={"max_batch_size": 8, "max_wait_ms": 2, "max_queue_size": 4})  # auto: 2
+    files = [("file", (f"{i}.png", PNG, "image/png")) for i in range(3)]
+    r = c.post("/classify?tier=auto", files=files)
+    assert r.status_code == 400 and r.json()["error"]["code"] == "bad_request", r.text
+    assert "at most 2 images" in r.json()["error"]["message"]
+    assert c.post("/classify?tier=exact", files=files).status_code == 200
+    assert c.post("/classify?tier=auto", files=files[:2]).status_code == 200
+
+
 def test_auto_can_be_the_default_tier(make_client) -> None:
     from .conftest import TINY_MODEL
 
