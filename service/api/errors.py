@@ -80,6 +80,13 @@ async def validation_error(request: Request, exc: Exception) -> Response:
     return await service_error(request, ServiceError(422, "bad_request", details))
 
 
+async def internal_error(request: Request, exc: Exception) -> Response:
+    """Anything unexpected: the same JSON 500, counted like every answer (Starlette's
+    ServerErrorMiddleware runs this, then re-raises so the server still logs the traceback)."""
+    return await service_error(request, ServiceError(500, "internal", "internal server error"))
+
+
 def install(app: FastAPI) -> None:
     app.add_exception_handler(ServiceError, service_error)
     app.add_exception_handler(RequestValidationError, validation_error)
+    app.add_exception_handler(Exception, internal_error)

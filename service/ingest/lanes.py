@@ -34,6 +34,15 @@ def _lowest_priority() -> None:
         log.warning("could not lower the heavy-image decode thread's priority: %s", e)
 
 
+async def _thread_done(executor: ThreadPoolExecutor, fn: Callable[..., Any], *args: Any) -> Any:
+    future = asyncio.get_running_loop().run_in_executor(executor, fn, *args)
+    try:
+        return await asyncio.shield(future)
+    except asyncio.CancelledError:
+        await asyncio.wait([future])
+        raise
+
+
 class DecodeLanes:
     def __init__(self, threads: int, heavy_pixels: int, max_heavy: int) -> None:
         self.heavy_pixels = heavy_pixels
@@ -43,18 +52,20 @@ class DecodeLanes:
         self._heavy = ThreadPoolExecutor(1, thread_name_prefix="decode-heavy", initializer=_lowest_priority)
 
     async def run(self, img: Image.Image, fn: Callable[..., Any], *args: Any) -> Any:
-        """Run ``fn(*args)`` in the lane for ``img``'s decoded size; 503 when the heavy lane is full."""
-        loop = asyncio.get_running_loop()
+        """Run ``fn(*args)`` in the lane for ``img``'s decoded size; 503 when the heavy lane is full.
+
+        A caller cancelled meanwhile gets its ``CancelledError`` only once the thread is done: a thread
+        cannot be stopped, and it writes into memory the caller owns (a slot it would free at once)."""
         width, height = img.size
         if width * height <= self.heavy_pixels:
-            return await loop.run_in_executor(self._normal, fn, *args)
+            return await _thread_done(self._normal, fn, *args)
         if self.heavy_in_progress >= self.max_heavy:
             raise unavailable(
                 "overloaded", "too many large images are being decoded on this worker; retry later"
             )
         self.heavy_in_progress += 1
         try:
-            return await loop.run_in_executor(self._heavy, fn, *args)
+            return await _thread_done(self._heavy, fn, *args)
         finally:
             self.heavy_in_progress -= 1
 

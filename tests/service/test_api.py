@@ -350,3 +350,52 @@ def test_a_full_front_end_sheds_before_fastapi_runs(make_client) -> None:
     assert metric_value(text, "tome_requests_total", {"status": "422"}) == 0
     ok = c.post("/classify", content=PNG, headers={"content-type": "image/png"})
     assert ok.status_code == 200, ok.text
+
+
+def test_an_unexpected_preprocessing_failure_fails_its_image_alone(make_client, monkeypatch) -> None:
+    """One image of three raises something no bad input raises (here MemoryError) while a sibling is still
+    decoding into its slot: that image gets a 500 of its own, the others are served, the request is a
+    counted 200 (it was a bare 500 released the siblings' slots mid-write and counted nothing)."""
+    from service.ingest.preprocess import Preprocessor
+
+    into = Preprocessor.into
+
+    def failing_into(self, img, out) -> None:
+        if img.size == (91, 71):
+            raise MemoryError("simulated")
+        if img.size == (92, 72):
+            time.sleep(0.3)  # still writing when the other fails
+        into(self, img, out)
+
+    monkeypatch.setattr(Preprocessor, "into", failing_into)
+    c = make_client()
+    sizes = [(91, 71), (92, 72), (80, 60)]
+    files = [("file", (f"{i}.png", image_bytes("PNG", size=s), "image/png")) for i, s in enumerate(sizes)]
+    r = c.post("/classify", files=files)
+    assert r.status_code == 200, r.text
+    results = r.json()["results"]
+    assert results[0]["error"]["code"] == "internal" and "top_k" not in results[0]
+    assert results[1]["top_k"] and results[2]["top_k"]
+    alone = c.post("/classify", files=files[:1])
+    assert alone.status_code == 500 and alone.json()["error"]["code"] == "internal"
+    text = c.get("/metrics").text
+    assert metric_value(text, "tome_requests_total", {"status": "200"}) == 1
+    assert metric_value(text, "tome_requests_total", {"status": "500"}) == 1
+    assert metric_value(text, "tome_rejections_total", {"reason": "internal"}) == 0
+
+
+def test_an_unexpected_error_is_a_counted_json_500(client, monkeypatch) -> None:
+    from service.api.routes import classify
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("a bug")
+
+    monkeypatch.setattr(classify, "_respond", broken)
+    before = metric_value(client.get("/metrics").text, "tome_requests_total", {"status": "500"})
+    r = TestClient(client.app, raise_server_exceptions=False).post(
+        "/classify", content=PNG, headers={"content-type": "image/png"}
+    )
+    assert r.status_code == 500
+    assert ErrorResponse.model_validate(r.json()).error.code == "internal"
+    after = metric_value(client.get("/metrics").text, "tome_requests_total", {"status": "500"})
+    assert after == before + 1

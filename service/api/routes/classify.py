@@ -10,6 +10,7 @@ counted once, there or at the end of ``classify``.
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 from typing import Annotated, Any
 
@@ -22,11 +23,12 @@ from ...ingest.passthrough import pass_through
 from ...ipc.client import EngineGone
 from ...ipc.protocol import ImageOutcome, Reject, Result
 from ..dependencies import FrontendDep, deadline, resolve_model, resolve_tier, resolve_top_k
-from ..errors import Outcome, count_request
+from ..errors import NOT_REJECTIONS, Outcome, count_request
 from ..request_ids import REQUEST_ID_HEADER, request_id
 from ..schemas import ClassifyResponse, ErrorDetail, ErrorResponse, ImageResult, Prediction, Timings
 from ..state import Frontend, ServedModel
 
+log = logging.getLogger(__name__)
 router = APIRouter()
 
 CLASSIFY_OPENAPI: dict[str, Any] = {
@@ -94,6 +96,9 @@ async def _decode(
                 await frontend.decode.run(img, model.preprocessor.into, img, model.slots[slot])
         except ServiceError as e:
             return e
+        except Exception:  # a bug or MemoryError: this image fails alone, its siblings keep their slots
+            log.exception("preprocessing an image failed")
+            return ServiceError(500, "internal", "the image could not be preprocessed (server error)")
         finally:
             metrics.decode_backlog.dec()
         metrics.preprocess_duration.labels(model=model.name).observe(time.perf_counter() - start)
@@ -192,7 +197,7 @@ async def classify(
         if len(parts) == 1 and errors[0] is not None:
             raise errors[0]
         for error in errors:
-            if error is not None:
+            if error is not None and error.code not in NOT_REJECTIONS:
                 frontend.metrics.reject(error.code)
         result: Result | None = None
         if ok:
