@@ -12,7 +12,9 @@ counted in ``tome_rejections_total`` (``timeout``, ``too_large``) through ``on_r
 may answer before it has read a request's body (an early 503 or 400); uvicorn then keeps the connection
 and parses the rest of that body, so those bytes are not the next request's headers: the size guard
 starts counting only once the body is complete, and a header deadline that passes while the body is
-still arriving just closes the connection (its answer has been sent).
+still arriving just closes the connection (its answer has been sent). Pipelined requests (HTTP/1.1 lets a
+client send the next before the answer) are sized one by one, and one whose headers are already in is not
+timed again when the answer before it completes.
 
 It also reads a connection's addresses from the transport's ``sockname``/``peername``: uvicorn asks for
 the ``socket``, which uvloop builds anew for every connection (measured: 22% of a front-end's event
@@ -106,6 +108,10 @@ def guarded_protocol(
             if self._oversized and not self.transport.is_closing():
                 self._refuse(431, "too_large", f"request headers are over {max_header_bytes} bytes")
 
+        def on_message_begin(self) -> None:
+            self._header_bytes, self._oversized = 0, False  # per request: pipelined ones share a read
+            super().on_message_begin()
+
         def on_url(self, url: bytes) -> None:
             self._header_bytes += len(url)
             super().on_url(url)
@@ -137,8 +143,9 @@ def guarded_protocol(
             super().on_message_complete()
 
         def on_response_complete(self) -> None:
+            pipelined = bool(self.pipeline)  # the next request's headers are in: it starts now
             super().on_response_complete()
-            if not self.transport.is_closing():
+            if not self.transport.is_closing() and not pipelined:
                 self._expect_headers()
 
     return GuardedHttpToolsProtocol

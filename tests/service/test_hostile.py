@@ -154,6 +154,19 @@ def test_a_large_body_answered_early_does_not_count_as_the_next_requests_headers
         s.close()
 
 
+def test_pipelined_requests_are_each_answered(tmp_path: Path) -> None:
+    """HTTP/1.1 pipelining: requests sent back to back are sized one by one (two 1.5 KB heads under a
+    2 KB limit: no 431) and one whose headers came in while the previous ran is not timed out when that
+    answer completes (batches close after 1.5 s, past the 1 s header deadline: no 408)."""
+    base = BASE.replace("[limits]\n", "[batching]\nmax_batch_size = 8\nmax_wait_ms = 1500\n[limits]\n")
+    with serve(tmp_path, "max_header_bytes = 2048\n", base) as (_, port, _, _):
+        padded = head(len(PNG), extra=b"X-Pad: " + b"p" * 1500 + b"\r\n") + PNG
+        s = raw(port, padded + padded)
+        answers = [read_response(s, 10), read_response(s, 10)]
+        s.close()
+    assert [a[:15] for a in answers] == ["HTTP/1.1 200 OK"] * 2, [a[:80] for a in answers]
+
+
 def test_sigterm_with_slow_uploaders_exits_within_the_drain_timeout(tmp_path: Path) -> None:
     slow_uploads = BASE.replace("body_timeout_s = 1.5\n", "body_timeout_s = 60\n")  # they would hold on
     with serve(tmp_path, base=slow_uploads) as (url, port, proc, _):
