@@ -105,19 +105,24 @@ class EngineClient:
     ) -> tuple[int, asyncio.Future[Result | Reject]]:
         """Send one request; returns its id and a future for the engine's final answer. ``jpeg``: per
         slot, whether it holds a JPEG's bytes for the engine to decode (``ingest.passthrough``)."""
-        if not self.connected or self._writer is None:
+        if not self.connected or self._writer is None or self._writer.is_closing():
             on_final()
             raise EngineGone()
         request_id = next(self._ids)
+        jpeg = jpeg if jpeg is not None and any(jpeg) else None  # None: every slot holds pixels
+        try:
+            self._writer.write(encode(Submit(request_id, model, tier, deadline, top_k, slots, jpeg)))
+        except (ConnectionError, RuntimeError) as e:  # closed before the reader saw it (uvloop raises)
+            on_final()
+            raise EngineGone() from e
         future: asyncio.Future[Result | Reject] = asyncio.get_running_loop().create_future()
         self._pending[request_id] = (future, on_final)
-        jpeg = jpeg if jpeg is not None and any(jpeg) else None  # None: every slot holds pixels
-        self._writer.write(encode(Submit(request_id, model, tier, deadline, top_k, slots, jpeg)))
         return request_id, future
 
     def cancel(self, request_id: int) -> None:
         if self.connected and self._writer is not None and request_id in self._pending:
-            self._writer.write(encode(Cancel(request_id)))
+            with contextlib.suppress(ConnectionError, RuntimeError):  # the reader fails it all next
+                self._writer.write(encode(Cancel(request_id)))
 
     async def close(self) -> None:
         if self._reader_task is not None:

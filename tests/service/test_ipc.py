@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from service.engine.connections import EngineServer
-from service.ipc.client import EngineClient
+from service.ipc.client import EngineClient, EngineGone
 from service.ipc.protocol import (
     MAX_MESSAGE_BYTES,
     Cancel,
@@ -137,3 +137,34 @@ def test_a_state_change_before_a_front_ends_hello_does_not_precede_its_welcome()
     with tempfile.TemporaryDirectory() as d:
         first, second = asyncio.run(main(Path(d) / "engine.sock"))
     assert isinstance(first, Welcome) and isinstance(second, State), (first, second)
+
+
+class _BrokenWriter:
+    """A writer whose engine end is gone; uvloop raises RuntimeError on a write to a closed transport."""
+
+    def __init__(self, closing: bool) -> None:
+        self.closing = closing
+
+    def is_closing(self) -> bool:
+        return self.closing
+
+    def write(self, data: bytes) -> None:
+        raise RuntimeError("unable to perform operation on <UnixTransport closed=True>")
+
+
+@pytest.mark.parametrize("closing", [False, True], ids=["write-raises", "closing"])
+def test_a_submit_after_the_engine_went_away_is_engine_gone_with_its_slots_freed(closing: bool) -> None:
+    """Before the reader task has seen the engine's end, a submit must still be an EngineGone (the route's
+    503), not an exception the route does not expect, and give its slots back once."""
+
+    async def main() -> None:
+        client = EngineClient(Path("/nonexistent"), 1)
+        client.connected, client._writer = True, _BrokenWriter(closing)  # type: ignore[assignment]
+        freed: list[int] = []
+        with pytest.raises(EngineGone):
+            client.submit("m", "exact", 0.0, 5, [3], on_final=lambda: freed.append(3))
+        assert freed == [3] and not client._pending
+        client._pending[7] = (asyncio.get_running_loop().create_future(), lambda: None)
+        client.cancel(7)  # does not raise either: the reader fails what is pending
+
+    asyncio.run(main())
