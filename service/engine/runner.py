@@ -227,12 +227,12 @@ class ModelRunner:
         copy back."""
         n = len(slots)
         buffers = self._free.get()
-        self._gather(slots, out=buffers.staging)  # reads the shared slots now: they may be reused after
-        encoded = self._encoded(slots, jpeg)
         started = torch.cuda.Event(enable_timing=True)
         finished = torch.cuda.Event(enable_timing=True)
-        started.record()
         try:
+            self._gather(slots, out=buffers.staging)  # reads the shared slots now: they may be reused after
+            encoded = self._encoded(slots, jpeg)
+            started.record()
             images = buffers.staging[:n].to(self.loaded.device, non_blocking=True)
             errors, buffers.decoded = self._decode_into(images, encoded)
             scores, indices = self.forward(images, tier)
