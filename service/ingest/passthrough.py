@@ -14,20 +14,29 @@ import numpy as np
 from PIL import Image
 
 from ..ipc.slots import write_encoded
+from .fast_transform import resized_size
 
 EXIF_ORIENTATION = 0x0112
 END_OF_IMAGE = b"\xff\xd9"
 DEVICE_MODES = frozenset({"RGB", "L"})  # not CMYK: Pillow and libjpeg-turbo convert Adobe CMYK differently
 
 
-def device_decodable(img: Image.Image, max_pixels: int) -> bool:
+def device_decodable(img: Image.Image, max_pixels: int, short: int) -> bool:
     """An opened image the engine's JPEG decoder handles like the CPU path: a JPEG in RGB (YCbCr) or
     grayscale without an EXIF rotation (torchvision applies EXIF orientation on the CPU only), not set up
-    for draft decoding, of at most ``max_pixels``."""
+    for draft decoding, of at most ``max_pixels`` both as decoded and once resized to ``short`` pixels on
+    its short side: the device resizes the whole image before it crops (a 1x60000 strip would become a
+    248 x 14.9M float tensor), where the CPU path resizes only the box it keeps."""
     if img.format != "JPEG" or img.mode not in DEVICE_MODES:
         return False
     draft_scale = (getattr(img, "decoderconfig", None) or (1,))[0]  # set by Image.draft
-    return draft_scale == 1 and img.width * img.height <= max_pixels and _upright(img)
+    resized_w, resized_h = resized_size(img.width, img.height, short)
+    return (
+        draft_scale == 1
+        and img.width * img.height <= max_pixels
+        and resized_w * resized_h <= max_pixels
+        and _upright(img)
+    )
 
 
 def _upright(img: Image.Image) -> bool:
@@ -45,7 +54,7 @@ def ends_whole(data: bytes) -> bool:
     return data.rstrip(b"\x00").endswith(END_OF_IMAGE)
 
 
-def pass_through(img: Image.Image, data: bytes, slot: np.ndarray, max_pixels: int) -> bool:
+def pass_through(img: Image.Image, data: bytes, slot: np.ndarray, max_pixels: int, short: int) -> bool:
     """Put ``data`` (``img``'s bytes) in ``slot`` for the engine to decode; False when it must be decoded
     here instead (not such a JPEG, truncated, or too large for the slot: nothing is written then)."""
-    return device_decodable(img, max_pixels) and ends_whole(data) and write_encoded(slot, data)
+    return device_decodable(img, max_pixels, short) and ends_whole(data) and write_encoded(slot, data)

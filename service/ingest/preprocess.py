@@ -83,6 +83,7 @@ class Preprocessor:
         _, self.height, self.width = data_config["input_size"]
         self.max_pixels = max_pixels
         self.draft_size = _resize_target(data_config) if jpeg_draft else None
+        self.resize_short = self.fused.short if self.fused is not None else _resize_target(data_config)
 
     def open(self, data: bytes) -> Image.Image:
         """Read only the header: format, size, pixel limit; JPEGs set up for draft decoding. The image's

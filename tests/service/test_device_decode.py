@@ -181,9 +181,13 @@ def test_front_end_passes_through_only_what_the_engine_reproduces() -> None:
         "png": (image_bytes("PNG"), False),
         "draft-decoded": (_jpeg((2400, 2000)), False),  # the CPU path decodes it at reduced scale
     }
+    short = pre.resize_short  # 248 for ViT-Ti (crop_pct 0.9)
     for name, (data, expected) in cases.items():
-        assert device_decodable(pre.open(data), 4_000_000) is expected, name
-    assert not device_decodable(pre.open(_jpeg((900, 800))), 500_000)  # a heavy image: the heavy lane
+        assert device_decodable(pre.open(data), 4_000_000, short) is expected, name
+    assert not device_decodable(pre.open(_jpeg((900, 800))), 500_000, short)  # heavy: the heavy lane
+    # 2 x 9000 (18 kpx) would resize to 248 x 1.1M before the crop on the device: the CPU path boxes it
+    strip = pre.open(_jpeg((2, 9000)))
+    assert not device_decodable(strip, 4_000_000, short) and device_decodable(strip, 300_000_000, short)
     assert ends_whole(_jpeg()) and ends_whole(_jpeg() + bytes(8)) and ends_whole(_bad_huffman_jpeg())
     assert not ends_whole(_truncated_jpeg())  # the CPU path answers it, as without the option
 

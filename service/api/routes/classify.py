@@ -91,7 +91,8 @@ async def _decode(
         try:
             img = model.preprocessor.open(part.data)  # header only: cheap, and says which lane
             heavy = frontend.settings.limits.heavy_image_pixels
-            jpeg = model.device_jpeg and pass_through(img, part.data, model.slots[slot], heavy)
+            short = model.preprocessor.resize_short
+            jpeg = model.device_jpeg and pass_through(img, part.data, model.slots[slot], heavy, short)
             if not jpeg:
                 await frontend.decode.run(img, model.preprocessor.into, img, model.slots[slot])
         except ServiceError as e:
