@@ -32,14 +32,24 @@ EWMA_WEIGHT = 0.3  # weight of the newest live batch in a (tier, bucket) time
 
 
 class BatchTimes:
-    """Seconds per batch, by tier and bucket: warm-up's measurement, then a moving mean of live batches."""
+    """Seconds per batch, by tier and bucket: warm-up's measurement, then a moving mean of live batches.
 
-    def __init__(self, buckets: Sequence[int], measured: dict[str, dict[int, float]]) -> None:
+    ``padded``: batches run padded to their bucket (CUDA graphs), so any batch times its whole bucket.
+    Unpadded (eager, CPU), a batch of 5 in bucket 8 stands for the bucket by its time per image; taken
+    as it is, the partial batches of a light load would pull the full batch's time down, and with it
+    every prediction once the load rises."""
+
+    def __init__(
+        self, buckets: Sequence[int], measured: dict[str, dict[int, float]], padded: bool = True
+    ) -> None:
         self.buckets = list(buckets)
+        self.padded = padded
         self._seconds = {tier: dict(times) for tier, times in measured.items()}
 
     def observe(self, tier: str, batch_size: int, seconds: float) -> None:
         bucket = bucket_for(batch_size, self.buckets)
+        if not self.padded:
+            seconds *= bucket / batch_size
         times = self._seconds.setdefault(tier, {})
         old = times.get(bucket)
         times[bucket] = seconds if old is None else (1 - EWMA_WEIGHT) * old + EWMA_WEIGHT * seconds

@@ -234,7 +234,9 @@ class Engine:
                     name, time.perf_counter() - start, report.graphs, report.speedups,
                 )  # fmt: skip
         for name, runner in self.runners.items():
-            self.batcher.batch_times[name] = BatchTimes(runner.buckets, self.batch_seconds.get(name, {}))
+            self.batcher.batch_times[name] = BatchTimes(
+                runner.buckets, self.batch_seconds.get(name, {}), padded=runner.pad_to_bucket
+            )
         self.batcher.start()
         self.ready = True
         self.metrics.engine_ready.set(1)

@@ -26,6 +26,15 @@ def test_batch_times_start_from_warm_up_and_follow_live_batches() -> None:
     assert times.drain("exact", 0) == 0.0
 
 
+def test_unpadded_partial_batches_stand_for_their_bucket_by_time_per_image() -> None:
+    eager = BatchTimes([1, 2, 4, 8], {"exact": {8: 0.040}}, padded=False)
+    eager.observe("exact", 5, 0.025)  # 5 ms per image, as the warm-up's full batch of 8
+    assert eager.batch("exact", 8) == pytest.approx(0.040)
+    graphs = BatchTimes([1, 2, 4, 8], {"exact": {8: 0.040}})  # padded: a batch of 5 ran 8 rows
+    graphs.observe("exact", 5, 0.040)
+    assert graphs.batch("exact", 8) == pytest.approx(0.040)
+
+
 def test_auto_takes_the_most_faithful_tier_that_fits() -> None:
     """Fitting means answering within target_share (0.5) of the budget; the floor may use all of it."""
     policy = AutoPolicy(["exact", "fast", "fastest"], hold_s=0, target_share=0.5)
