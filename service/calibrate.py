@@ -31,9 +31,9 @@ from models.calibration import (
     default_candidates,
     format_table,
     plot,
-    weights_sha256,
 )
 
+from .engine.calibration import weights_identity
 from .engine.loading import LoadedModel, ModelLoadError, load_model, resolve_device
 from .engine.normalize import Normalize
 from .engine.tiers import build_tiers
@@ -131,22 +131,25 @@ def main(argv: list[str] | None = None) -> int:
     model = loaded.model
     if args.dtype and loaded.device.type == "cpu":
         model = model.to(getattr(torch, args.dtype))  # the file records it: no CPU server will match it
-    weights = Path(spec.weights)
-    calibration = calibrate(
-        model,
-        images,
-        architecture=spec.architecture,
-        weights_sha256=weights_sha256(weights) if weights.is_file() else None,
-        preprocess=ServingPreprocess(loaded, settings),
-        batch_size=args.batch_size or min(settings.batching.max_batch_size, 64),
-        candidates=default_candidates(
-            model, _numbers(args.constant, int), *_given(_numbers(args.inflections, float))
-        ),
-        search=None if args.no_search else SearchConfig(),
-        seed=args.seed,
-        timing_rounds=args.rounds,
-        progress=not args.no_progress,
-    )
+    try:
+        calibration = calibrate(
+            model,
+            images,
+            architecture=spec.architecture,
+            weights_sha256=weights_identity(spec.weights),
+            preprocess=ServingPreprocess(loaded, settings),
+            batch_size=args.batch_size or min(settings.batching.max_batch_size, 64),
+            candidates=default_candidates(
+                model, _numbers(args.constant, int), *_given(_numbers(args.inflections, float))
+            ),
+            search=None if args.no_search else SearchConfig(),
+            seed=args.seed,
+            timing_rounds=args.rounds,
+            progress=not args.no_progress,
+        )
+    except ValueError as e:  # images or candidates that cannot make a calibration: said in one line
+        print(f"tome-serve calibrate: {e}", file=sys.stderr)
+        return 2
     args.out.parent.mkdir(parents=True, exist_ok=True)
     calibration.save(args.out)
     tiers = chosen_tiers(spec, loaded, calibration)

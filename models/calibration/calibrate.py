@@ -15,7 +15,7 @@ from tqdm import tqdm
 from models import tome
 
 from .candidates import Candidate, dedupe, default_candidates
-from .images import ImageSet, Preprocess, TimmEvalPreprocess
+from .images import ImageSet, Preprocess, TimmEvalPreprocess, imagenet_class_index
 from .measure import device_and_dtype, predict, time_schedules, timing_batch
 from .record import Calibration, ImageInfo, ModelInfo, RunInfo, ScheduleRecord, Speedup
 from .search import SearchConfig, better_than, greedy_search
@@ -82,6 +82,13 @@ def calibrate(
     device, dtype = device_and_dtype(model)
     preprocess = preprocess or TimmEvalPreprocess(model.vit)
     candidates = list(candidates) if candidates is not None else default_candidates(model)
+    num_classes = int(model.vit.num_classes)
+    if images.synset_labels and num_classes != len(imagenet_class_index()):
+        raise ValueError(
+            f"labels from synsets are ImageNet-1k class indices, but the model has {num_classes} classes: "
+            "give a labels CSV with the model's own class indices, or calibrate without labels "
+            "(agreement with r=0 needs none)"
+        )
     zero = tuple([0] * model.depth)
     if zero not in {c.r_per_block for c in candidates}:
         candidates.insert(0, Candidate("r0", "constant", zero))
@@ -94,7 +101,6 @@ def calibrate(
         candidates = dedupe([*candidates, *found])
     pixels = measured.load(preprocess, progress)
     labels = measured.label_tensor()
-    num_classes = int(model.vit.num_classes)
     if labels is not None and int(labels.max()) >= num_classes:
         raise ValueError(f"a label is {int(labels.max())} but the model has {num_classes} classes")
 

@@ -53,9 +53,11 @@ def parse_label(text: str, class_index: Mapping[str, int]) -> int:
     raise ValueError(f"label {text!r} is neither a class index nor a synset like n01440764")
 
 
-def read_labels_csv(path: Path, class_index: Mapping[str, int]) -> dict[str, int]:
-    """``file,label`` rows -> {file: class index}; a first row ``file,label`` is taken as a header."""
+def read_labels_csv(path: Path, class_index: Mapping[str, int]) -> tuple[dict[str, int], bool]:
+    """``file,label`` rows -> ({file: class index}, whether any label was a synset, i.e. an ImageNet-1k
+    index); a first row ``file,label`` is taken as a header."""
     labels: dict[str, int] = {}
+    synsets = False
     with path.open(newline="") as f:
         for line, row in enumerate(csv.reader(f), start=1):
             if not row or not "".join(row).strip():
@@ -67,13 +69,14 @@ def read_labels_csv(path: Path, class_index: Mapping[str, int]) -> dict[str, int
                 continue
             if name in labels:
                 raise ValueError(f"{path}:{line}: {name!r} is listed twice")
+            synsets = synsets or not label.isdigit()
             try:
                 labels[name] = parse_label(label, class_index)
             except ValueError as e:
                 raise ValueError(f"{path}:{line}: {e}") from e
     if not labels:
         raise ValueError(f"{path} lists no images")
-    return labels
+    return labels, synsets
 
 
 def synset_of(file_name: str) -> str | None:
@@ -84,11 +87,13 @@ def synset_of(file_name: str) -> str | None:
 
 @dataclass(frozen=True)
 class ImageSet:
-    """Image files under ``root`` (relative names, sorted) and their labels, if known."""
+    """Image files under ``root`` (relative names, sorted) and their labels, if known (``synset_labels``:
+    some came from synsets, so they are ImageNet-1k class indices)."""
 
     root: Path
     files: tuple[str, ...]
     labels: tuple[int, ...] | None
+    synset_labels: bool = False
 
     def __post_init__(self) -> None:
         if self.labels is not None and len(self.labels) != len(self.files):
@@ -105,12 +110,12 @@ class ImageSet:
             raise ValueError(f"{folder} is not a folder")
         class_index = imagenet_class_index()
         if labels_csv is not None:
-            rows = read_labels_csv(Path(labels_csv), class_index)
+            rows, synsets = read_labels_csv(Path(labels_csv), class_index)
             missing = [name for name in rows if not (folder / name).is_file()]
             if missing:
                 raise ValueError(f"{len(missing)} files in {labels_csv} are not in {folder}: {missing[:3]}")
             files = sorted(rows)
-            return cls(folder, tuple(files), tuple(rows[name] for name in files))
+            return cls(folder, tuple(files), tuple(rows[name] for name in files), synsets)
         files = sorted(p.name for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
         if not files:
             raise ValueError(f"no images ({', '.join(sorted(IMAGE_SUFFIXES))}) in {folder}")
@@ -124,12 +129,12 @@ class ImageSet:
                 f"{len(odd)} of {len(files)} files have no ImageNet synset prefix ({odd[:3]}); "
                 "name every file <synset>_<anything>, or give a labels CSV"
             )
-        return cls(folder, tuple(files), tuple(class_index[s] for s in synsets if s is not None))
+        return cls(folder, tuple(files), tuple(class_index[s] for s in synsets if s is not None), True)
 
     def subset(self, indices: Sequence[int]) -> ImageSet:
         indices = sorted(indices)
         labels = None if self.labels is None else tuple(self.labels[i] for i in indices)
-        return ImageSet(self.root, tuple(self.files[i] for i in indices), labels)
+        return ImageSet(self.root, tuple(self.files[i] for i in indices), labels, self.synset_labels)
 
     def split(self, count: int, seed: int) -> tuple[ImageSet, ImageSet]:
         """``count`` images drawn by ``seed`` and the rest; each part keeps file-name order."""

@@ -49,7 +49,7 @@ class ScheduleRecord:
 @dataclass(frozen=True)
 class ModelInfo:
     architecture: str  # timm name
-    weights_sha256: str | None  # None: weights not from a file (e.g. random, for tests)
+    weights_sha256: str | None  # the file's sha256, or how the weights were loaded ("hub", "random")
     input_size: tuple[int, int, int]
     num_classes: int
     prop_attn: bool

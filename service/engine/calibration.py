@@ -1,10 +1,10 @@
 """A model's calibration file: was it made for this model as it is served?
 
-It must match the architecture, the weights (sha256 of the weights file), the input size, the number
-of classes, depth and tokens, the ToMe patch options, the serving dtype and the device type; otherwise
-its figures describe another model. On a mismatch the service refuses to start with one line saying
-what differs, or (``on_calibration_mismatch = "ignore"``) starts without it, logged, every tier
-reported uncalibrated.
+It must match the architecture, the weights (sha256 of the weights file, else "hub" or "random"), the
+input size, the number of classes, depth and tokens, the ToMe patch options, the serving dtype and the
+device type; otherwise its figures describe another model. On a mismatch the service refuses to start
+with one line saying what differs, or (``on_calibration_mismatch = "ignore"``) starts without it,
+logged, every tier reported uncalibrated.
 """
 
 from __future__ import annotations
@@ -27,6 +27,14 @@ class CalibrationMismatch(ValueError):
     """The calibration file was made for another model, dtype or device."""
 
 
+def weights_identity(weights: str) -> str:
+    """What a calibration records of ``ModelSpec.weights``: the file's sha256, else the setting itself
+    ("hub", "random"), so a calibration made on random weights never passes for the hub's, nor the
+    reverse."""
+    path = Path(weights)
+    return weights_sha256(path) if path.is_file() else weights
+
+
 def mismatches(
     calibration: Calibration,
     spec: ModelSpec,
@@ -36,7 +44,7 @@ def mismatches(
     dtype: torch.dtype,
 ) -> list[str]:
     """What differs between the calibration and the model as served (empty: it applies)."""
-    served_weights = weights_sha256(Path(spec.weights)) if Path(spec.weights).is_file() else None
+    served_weights = weights_identity(spec.weights)
     m, run = calibration.model, calibration.run
     served = {
         "architecture": (m.architecture, spec.architecture),

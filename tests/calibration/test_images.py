@@ -45,7 +45,8 @@ def test_synset_file_names(tmp_path: Path) -> None:
     (tmp_path / "notes.txt").write_text("not an image")
     images = ImageSet.from_folder(tmp_path)
     assert images.files == ("n01440764.png", "n01440764_tench.jpg", "n01443537_goldfish.JPEG")
-    assert images.labels == (0, 0, 1)
+    assert images.labels == (0, 0, 1) and images.synset_labels
+    assert images.subset([0]).synset_labels
 
 
 def test_no_synsets_means_no_labels_and_mixed_names_are_refused(tmp_path: Path) -> None:
@@ -64,9 +65,10 @@ def test_labels_csv(tmp_path: Path) -> None:
     csv.write_text("file,label\nb.jpg,n01443537\na.jpg, 5\n\n")
     images = ImageSet.from_folder(tmp_path, csv)
     assert images.files == ("a.jpg", "b.jpg")  # the CSV's rows, not every file in the folder
-    assert images.labels == (5, 1)
+    assert images.labels == (5, 1) and images.synset_labels  # a synset: an ImageNet-1k index
     csv.write_text("a.jpg,3\n")  # no header
-    assert ImageSet.from_folder(tmp_path, csv).labels == (3,)
+    indices = ImageSet.from_folder(tmp_path, csv)
+    assert indices.labels == (3,) and not indices.synset_labels  # the model's own class indices
 
 
 @pytest.mark.parametrize(
@@ -112,3 +114,18 @@ def test_shared_photos_are_labelled_from_their_names() -> None:
     assert len(images) == 200 and images.labels is not None
     for name, label in zip(images.files, images.labels, strict=True):
         assert synsets[label] == name.split("_")[0]
+
+
+def test_synset_labels_are_refused_for_a_model_without_imagenet_1k_classes(tmp_path: Path) -> None:
+    """Synsets map to ImageNet-1k indices: scored against an in21k (or any other) head they would be
+    another class's index, and the accuracy figures wrong without a word."""
+    import timm
+
+    from models import tome
+    from models.calibration import calibrate
+
+    _jpeg(tmp_path / "n01440764_tench.jpg")
+    _jpeg(tmp_path / "n01443537_goldfish.jpg")
+    vit = timm.create_model("vit_tiny_patch16_224", img_size=32, depth=1, num_classes=21843)
+    with pytest.raises(ValueError, match="ImageNet-1k class indices, but the model has 21843 classes"):
+        calibrate(tome.patch(vit), ImageSet.from_folder(tmp_path), architecture="x", weights_sha256=None)

@@ -140,6 +140,30 @@ def test_a_calibration_for_another_model_is_refused_in_one_line(
     assert "tome-serve calibrate" in message
 
 
+def test_weights_not_from_a_file_are_told_apart(calibrated: tuple[Path, Path], tmp_path: Path) -> None:
+    """A calibration records "random" or "hub" where the weights are not a file: one made on random
+    weights does not pass for the hub's (both were recorded as 'no file' and matched)."""
+    from service.engine.calibration import mismatches, weights_identity
+
+    assert weights_identity("random") == "random" and weights_identity("hub") == "hub"
+    assert weights_identity(str(VIT_TINY_WEIGHTS)) == Calibration.load(calibrated[0]).model.weights_sha256
+    data = json.loads(calibrated[0].read_text())
+    data["model"]["weights_sha256"] = "random"
+    (made_on_random := tmp_path / "random.json").write_text(json.dumps(data))
+    calibration = Calibration.load(made_on_random)
+    model = load_model(ModelSpec(**_spec()), torch.device("cpu")).model
+    size = tuple(calibration.model.input_size)
+
+    def differs(weights: str) -> list[str]:
+        spec = ModelSpec(**_spec(weights=weights))
+        return mismatches(calibration, spec, model, size, torch.device("cpu"), torch.float32)  # type: ignore[arg-type]
+
+    assert differs("random") == []
+    assert [m for m in differs("hub") if m.startswith("weights")] == [
+        "weights sha256 'random' (served: 'hub')"
+    ]
+
+
 def test_a_mismatched_calibration_can_be_ignored_visibly(
     calibrated: tuple[Path, Path], tmp_path: Path
 ) -> None:
