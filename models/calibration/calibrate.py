@@ -92,6 +92,8 @@ def calibrate(
     zero = tuple([0] * model.depth)
     if zero not in {c.r_per_block for c in candidates}:
         candidates.insert(0, Candidate("r0", "constant", zero))
+    if all(c.is_exact for c in candidates):
+        raise ValueError("no schedule to calibrate besides r=0: give constant r above 0 or inflections")
     measured, search_set, path = images, None, None
     if search is not None:
         search_set, measured = images.split(search_count or len(images) // 2, seed)
@@ -196,7 +198,11 @@ def _rates(
     for c in tqdm(candidates, desc="schedules", disable=not progress, leave=False):
         top1 = reference if c.is_exact else predict(model, pixels, c.r_per_block, batch_size).argmax(dim=-1)
         n = len(top1)
-        agreement = Rate.measure(int((top1 == reference).sum()), n, confidence)
+        agreement = (  # r=0 is the reference: it agrees by definition, not by sample
+            Rate(n, n, 1.0, 1.0, 1.0)
+            if c.is_exact
+            else Rate.measure(int((top1 == reference).sum()), n, confidence)
+        )
         accuracy = None if labels is None else Rate.measure(int((top1 == labels).sum()), n, confidence)
         rates[c.r_per_block] = (agreement, accuracy)
     return rates

@@ -53,7 +53,9 @@ def _schedule_text(r: Sequence[int]) -> str:
 
 def format_table(calibration: Calibration, tiers: Mapping[str, str] | None = None) -> str:
     """One line per schedule, fastest first; rates are % with their 95% interval."""
-    tier_of = {name: tier for tier, name in (tiers or {}).items()}
+    tier_of: dict[str, list[str]] = {}
+    for tier, name in (tiers or {}).items():  # several tiers may resolve to one schedule
+        tier_of.setdefault(name, []).append(tier)
     front = {s.name for s in pareto_front(calibration.schedules)}
     header = (
         f"{'schedule':<14}{'kind':<10}{'GFLOPs':>7}{'speedup [min,max]':>21}{'img/s':>8}"
@@ -61,7 +63,9 @@ def format_table(calibration: Calibration, tiers: Mapping[str, str] | None = Non
     )
     lines = [describe(calibration), header, "-" * len(header)]
     for s in sorted(calibration.schedules, key=lambda s: -s.speedup.median):
-        mark = ("*" if s.name in front else " ") + (f" <- {tier_of[s.name]}" if s.name in tier_of else "")
+        mark = ("*" if s.name in front else " ") + (
+            f" <- {', '.join(tier_of[s.name])}" if s.name in tier_of else ""
+        )
         speed = f"{s.speedup.median:.2f}x [{s.speedup.min:.2f},{s.speedup.max:.2f}]"
         lines.append(
             f"{s.name:<14}{s.kind:<10}{s.gflops:>7.3f}{speed:>21}{s.images_per_s:>8.1f}"

@@ -61,3 +61,25 @@ def test_weights_sha256(tmp_path: Path) -> None:
     payload = bytes(range(256)) * 9000  # more than one read chunk
     path.write_bytes(payload)
     assert weights_sha256(path) == hashlib.sha256(payload).hexdigest()
+
+
+def test_the_table_marks_every_tier_of_a_schedule() -> None:
+    from models.calibration import format_table
+
+    cal = make_calibration([record("r0", (0, 0), 1.0, 100), record("s", (3, 1), 1.4, 97)])
+    table = format_table(cal, {"exact": "r0", "balanced": "r0", "fast": "s"})
+    assert "<- exact, balanced" in table and "<- fast" in table
+
+
+def test_a_candidate_list_of_r0_alone_is_refused_in_words() -> None:
+    import timm
+
+    from models import tome
+    from models.calibration import Candidate, ImageSet, calibrate
+
+    vit = tome.patch(timm.create_model("vit_tiny_patch16_224", img_size=32, depth=1))
+    images = ImageSet(Path("/nowhere"), ("a.jpg",), None)
+    with pytest.raises(ValueError, match="besides r=0"):
+        calibrate(
+            vit, images, architecture="x", weights_sha256=None, candidates=[Candidate("r0", "constant", (0,))]
+        )

@@ -112,8 +112,10 @@ def test_tiers_and_metrics_report_the_calibration(calibrated: tuple[Path, Path])
         assert tier["calibrated"] and tier["budget"] is not None, name
         agreement = tier["agreement_with_exact"]
         assert agreement["n"] == PHOTOS and agreement["ci_low"] <= agreement["rate"] <= agreement["ci_high"]
-        if any(tier["r_per_block"]):  # r=0 agrees with itself by definition, whatever its interval
+        if any(tier["r_per_block"]):
             assert 1 - agreement["ci_low"] <= tier["budget"]["max_agreement_loss"] + 1e-9
+        else:  # r=0 agrees with itself by definition: no sampling interval
+            assert agreement["rate"] == agreement["ci_low"] == agreement["ci_high"] == 1.0
         assert tier["top1_accuracy"]["n"] == PHOTOS
         labels = {"model": "vit-ti", "tier": name}
         assert metric_value(text, "tome_tier_agreement", labels) == pytest.approx(agreement["rate"])
