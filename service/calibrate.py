@@ -31,6 +31,7 @@ from models.calibration import (
     default_candidates,
     format_table,
     plot,
+    preprocessing_of,
 )
 
 from .engine.calibration import weights_identity
@@ -138,6 +139,7 @@ def main(argv: list[str] | None = None) -> int:
             architecture=spec.architecture,
             weights_sha256=weights_identity(spec.weights),
             preprocess=ServingPreprocess(loaded, settings),
+            preprocessing=preprocessing_of(loaded.data_config),
             batch_size=args.batch_size or min(settings.batching.max_batch_size, 64),
             candidates=default_candidates(
                 model, _numbers(args.constant, int), *_given(_numbers(args.inflections, float))

@@ -20,6 +20,7 @@ from .record import (
     RunInfo,
     ScheduleRecord,
     Speedup,
+    preprocessing_of,
     weights_sha256,
 )
 from .report import format_table, pareto_front, plot
@@ -62,6 +63,7 @@ __all__ = [
     "pareto_front",
     "parse_label",
     "plot",
+    "preprocessing_of",
     "resolve",
     "resolve_tiers",
     "unprotected_tokens",

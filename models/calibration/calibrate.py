@@ -7,17 +7,19 @@ from collections.abc import Sequence
 from dataclasses import asdict
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
 import timm
 import torch
 from tqdm import tqdm
 
 from models import tome
+from models.timm_data import model_data_config
 
 from .candidates import Candidate, dedupe, default_candidates
 from .images import ImageSet, Preprocess, TimmEvalPreprocess, imagenet_class_index
 from .measure import device_and_dtype, predict, time_schedules, timing_batch
-from .record import Calibration, ImageInfo, ModelInfo, RunInfo, ScheduleRecord, Speedup
+from .record import Calibration, ImageInfo, ModelInfo, RunInfo, ScheduleRecord, Speedup, preprocessing_of
 from .search import SearchConfig, better_than, greedy_search
 from .stats import CONFIDENCE, Rate
 
@@ -60,6 +62,7 @@ def calibrate(
     architecture: str,
     weights_sha256: str | None,
     preprocess: Preprocess | None = None,
+    preprocessing: dict[str, Any] | None = None,
     batch_size: int = 16,
     candidates: Sequence[Candidate] | None = None,
     search: SearchConfig | None = None,
@@ -73,14 +76,18 @@ def calibrate(
     """Measure agreement with r=0, accuracy (with labels), speed and GFLOPs of every candidate.
 
     ``model`` runs on its own device and dtype (the serving ones); ``preprocess`` should be the serving
-    preprocessing (default: timm's eval transform). Without ``candidates``: ``default_candidates``.
-    With ``search``, ``search_count`` images (default half) drawn by ``seed`` are set aside for the
-    schedule search, and every figure is measured on the others, so searched schedules are not judged on
-    the images they were chosen on. Speed is measured on the first ``batch_size`` measured images.
+    preprocessing (default: timm's eval transform) and ``preprocessing`` says in the file what it is
+    (``preprocessing_of`` its data config; with the default transform, timm's). Without ``candidates``:
+    ``default_candidates``. With ``search``, ``search_count`` images (default half) drawn by ``seed``
+    are set aside for the schedule search, and every figure is measured on the others, so searched
+    schedules are not judged on the images they were chosen on. Speed is measured on the first
+    ``batch_size`` measured images.
     """
     model.eval()
     device, dtype = device_and_dtype(model)
-    preprocess = preprocess or TimmEvalPreprocess(model.vit)
+    if preprocess is None:
+        preprocess = TimmEvalPreprocess(model.vit)
+        preprocessing = preprocessing or preprocessing_of(model_data_config(model.vit))
     candidates = list(candidates) if candidates is not None else default_candidates(model)
     num_classes = int(model.vit.num_classes)
     if images.synset_labels and num_classes != len(imagenet_class_index()):
@@ -133,7 +140,7 @@ def calibrate(
         )
     notes = {} if search is None else {"search": {"config": asdict(search), "path": path}}
     return Calibration(
-        model=_model_info(model, architecture, weights_sha256, tuple(pixels.shape[1:])),
+        model=_model_info(model, architecture, weights_sha256, tuple(pixels.shape[1:]), preprocessing),
         run=_run_info(device, dtype, batch_size, timing_rounds, confidence),
         images=ImageInfo(
             source=str(images.root),
@@ -150,7 +157,11 @@ def calibrate(
 
 
 def _model_info(
-    model: tome.ToMeVisionTransformer, architecture: str, weights_sha256: str | None, input_size: tuple
+    model: tome.ToMeVisionTransformer,
+    architecture: str,
+    weights_sha256: str | None,
+    input_size: tuple,
+    preprocessing: dict[str, Any] | None,
 ) -> ModelInfo:
     return ModelInfo(
         architecture=architecture,
@@ -162,6 +173,7 @@ def _model_info(
         depth=model.depth,
         tokens_in=model.schedule_info(0).tokens_in,
         protected_tokens=model.num_prefix_tokens,
+        preprocessing=preprocessing,
     )
 
 

@@ -57,6 +57,20 @@ class ModelInfo:
     depth: int
     tokens_in: int
     protected_tokens: int
+    # the eval transform besides input_size (``preprocessing_of``); None in files made before it was kept
+    preprocessing: dict[str, Any] | None = None
+
+
+PREPROCESSING_KEYS = ("interpolation", "crop_pct", "crop_mode", "mean", "std")
+
+
+def preprocessing_of(data_config: dict[str, Any]) -> dict[str, Any]:
+    """The parts of a timm data config that decide the pixels a model sees, besides input_size, as JSON
+    keeps them (lists, not tuples)."""
+    return {
+        key: list(data_config[key]) if isinstance(data_config.get(key), tuple) else data_config.get(key)
+        for key in PREPROCESSING_KEYS
+    }
 
 
 @dataclass(frozen=True)

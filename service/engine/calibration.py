@@ -1,7 +1,8 @@
 """A model's calibration file: was it made for this model as it is served?
 
 It must match the architecture, the weights (sha256 of the weights file, else "hub" or "random"), the
-input size, the number of classes, depth and tokens, the ToMe patch options, the serving dtype and the
+input size and the rest of the eval transform (interpolation, crop, mean and std: recorded since
+2026-11-24), the number of classes, depth and tokens, the ToMe patch options, the serving dtype and the
 device type; otherwise its figures describe another model. On a mismatch the service refuses to start
 with one line saying what differs, or (``on_calibration_mismatch = "ignore"``) starts without it,
 logged, every tier reported uncalibrated.
@@ -11,11 +12,12 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
+from typing import Any
 
 import torch
 
 from models import tome
-from models.calibration import Calibration, weights_sha256
+from models.calibration import Calibration, preprocessing_of, weights_sha256
 
 from ..settings import ModelSpec
 from .tiers import unprotected_tokens
@@ -39,11 +41,12 @@ def mismatches(
     calibration: Calibration,
     spec: ModelSpec,
     model: tome.ToMeVisionTransformer,
-    input_size: tuple[int, int, int],
+    data_config: dict[str, Any],
     device: torch.device,
     dtype: torch.dtype,
 ) -> list[str]:
     """What differs between the calibration and the model as served (empty: it applies)."""
+    input_size = tuple(data_config["input_size"])
     served_weights = weights_identity(spec.weights)
     m, run = calibration.model, calibration.run
     served = {
@@ -58,13 +61,15 @@ def mismatches(
         "dtype": (run.dtype, str(dtype).removeprefix("torch.")),
         "device": (run.device_type, device.type),
     }
+    if m.preprocessing is not None:  # files made before it was recorded cannot say
+        served["preprocessing"] = (m.preprocessing, preprocessing_of(data_config))
     return [f"{what} {made!r} (served: {now!r})" for what, (made, now) in served.items() if made != now]
 
 
 def load_for(
     spec: ModelSpec,
     model: tome.ToMeVisionTransformer,
-    input_size: tuple[int, int, int],
+    data_config: dict[str, Any],
     device: torch.device,
     dtype: torch.dtype,
 ) -> tuple[Calibration | None, str | None]:
@@ -79,7 +84,7 @@ def load_for(
     if not path.is_file():
         raise ValueError(f"calibration file {path} does not exist")
     calibration = Calibration.load(path)
-    problems = mismatches(calibration, spec, model, input_size, device, dtype)
+    problems = mismatches(calibration, spec, model, data_config, device, dtype)
     if not problems:
         return calibration, None
     reason = f"calibration {path} was made for another model: " + "; ".join(problems)

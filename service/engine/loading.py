@@ -114,7 +114,7 @@ def load_model(spec: ModelSpec, device: torch.device) -> LoadedModel:
     model = model.eval().to(device=device, dtype=dtype)
     data_config = model_data_config(vit)
     try:
-        calibration, ignored = load_for(spec, model, tuple(data_config["input_size"]), device, dtype)
+        calibration, ignored = load_for(spec, model, data_config, device, dtype)
     except ValueError as e:  # CalibrationMismatch included: one line saying what differs
         raise ModelLoadError(f"model {spec.name!r}: {e}") from e
     specs = spec.tiers

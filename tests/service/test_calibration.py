@@ -154,16 +154,34 @@ def test_weights_not_from_a_file_are_told_apart(calibrated: tuple[Path, Path], t
     (made_on_random := tmp_path / "random.json").write_text(json.dumps(data))
     calibration = Calibration.load(made_on_random)
     model = load_model(ModelSpec(**_spec()), torch.device("cpu")).model
-    size = tuple(calibration.model.input_size)
+    config = load_model(ModelSpec(**_spec()), torch.device("cpu")).data_config
 
     def differs(weights: str) -> list[str]:
         spec = ModelSpec(**_spec(weights=weights))
-        return mismatches(calibration, spec, model, size, torch.device("cpu"), torch.float32)  # type: ignore[arg-type]
+        return mismatches(calibration, spec, model, config, torch.device("cpu"), torch.float32)
 
     assert differs("random") == []
     assert [m for m in differs("hub") if m.startswith("weights")] == [
         "weights sha256 'random' (served: 'hub')"
     ]
+
+
+def test_a_calibration_made_with_another_eval_transform_is_refused(
+    calibrated: tuple[Path, Path], tmp_path: Path
+) -> None:
+    """The file keeps the eval transform it was measured with (interpolation, crop, mean, std): served
+    with another (e.g. a pretrained_cfg_overlay), its figures describe other pixels. Files made before
+    it was kept still load."""
+    data = json.loads(calibrated[0].read_text())
+    recorded = data["model"]["preprocessing"]
+    assert recorded["interpolation"] == "bicubic" and recorded["crop_pct"] == 0.9
+    data["model"]["preprocessing"] = {**recorded, "crop_pct": 1.0}
+    (other := tmp_path / "crop.json").write_text(json.dumps(data))
+    with pytest.raises(ModelLoadError, match="preprocessing"):
+        load_model(ModelSpec(**_spec(calibration=str(other))), torch.device("cpu"))
+    del data["model"]["preprocessing"]
+    (older := tmp_path / "older.json").write_text(json.dumps(data))
+    assert load_model(ModelSpec(**_spec(calibration=str(older))), torch.device("cpu")).calibration is not None
 
 
 def test_a_mismatched_calibration_can_be_ignored_visibly(
