@@ -40,6 +40,7 @@ class EngineClient:
         self._writer: asyncio.StreamWriter | None = None
         self._reader_task: asyncio.Task[None] | None = None
         self._state_changed = asyncio.Event()
+        self._lost = asyncio.Event()
 
     async def connect(self, timeout: float) -> None:
         """Connect (the engine may still be loading: retry until ``timeout``), say hello, read welcome."""
@@ -77,12 +78,18 @@ class EngineClient:
                             future.set_result(message)
         except (asyncio.IncompleteReadError, ConnectionError):
             log.error("the engine closed its connection")
+            self._lost.set()
         except asyncio.CancelledError:
             raise
         except Exception:
             log.exception("reading from the engine failed")
+            self._lost.set()
         finally:
             self._fail_all()
+
+    async def wait_lost(self) -> None:
+        """Return once the connection to the engine has ended other than by ``close``."""
+        await self._lost.wait()
 
     def _fail_all(self) -> None:
         self.connected = False

@@ -10,6 +10,7 @@ import asyncio
 import logging
 import signal
 import socket
+import sys
 from pathlib import Path
 from types import FrameType
 
@@ -24,22 +25,50 @@ from .process import configure_child
 
 log = logging.getLogger(__name__)
 
+ENGINE_LOST_GRACE_S = 3.0  # longer than the supervisor's grace after the engine's death
+
 
 class DrainingServer(uvicorn.Server):
     """uvicorn whose SIGTERM drains first: /readyz turns 503, new requests get 503 with
     ``Connection: close``, admitted ones are answered (at most ``drain_timeout_s``), then uvicorn closes
     the remaining connections (at most ``timeout_graceful_shutdown``). SIGINT is the supervisor's."""
 
-    def __init__(self, config: uvicorn.Config, frontend: Frontend, drain_timeout_s: float) -> None:
+    def __init__(
+        self,
+        config: uvicorn.Config,
+        frontend: Frontend,
+        drain_timeout_s: float,
+        engine_lost_grace_s: float = ENGINE_LOST_GRACE_S,
+    ) -> None:
         super().__init__(config)
         self.frontend = frontend
         self.drain_timeout_s = drain_timeout_s
+        self.engine_lost_grace_s = engine_lost_grace_s
+        self.engine_lost = False
         self._loop: asyncio.AbstractEventLoop | None = None
         self._draining = False
 
     async def serve(self, sockets: list[socket.socket] | None = None) -> None:
         self._loop = asyncio.get_running_loop()
-        await super().serve(sockets)
+        watcher = self._loop.create_task(self._exit_when_the_engine_is_lost())
+        try:
+            await super().serve(sockets)
+        finally:
+            watcher.cancel()
+
+    async def _exit_when_the_engine_is_lost(self) -> None:
+        """A connection that ends while the engine lives (it dropped this front-end) would leave this
+        process answering 503 engine_down for good: exit, and the supervisor starts it again, connected.
+        Where the engine died, the supervisor acts first (its grace is shorter) and stops the service."""
+        await self.frontend.engine.wait_lost()
+        if self._draining or self.should_exit:
+            return
+        await asyncio.sleep(self.engine_lost_grace_s)  # meanwhile requests get 503 engine_down
+        if self._draining:
+            return
+        log.error("the connection to the engine ended: exiting, for the supervisor to start this again")
+        self.engine_lost = True
+        self.should_exit = True
 
     def handle_exit(self, sig: int, frame: FrameType | None) -> None:
         if sig == signal.SIGINT:
@@ -81,4 +110,7 @@ def frontend_main(
         access_log=False,
         timeout_graceful_shutdown=settings.server.graceful_shutdown_s,
     )
-    DrainingServer(config, app.state.frontend, settings.limits.drain_timeout_s).run(sockets=sockets)
+    server = DrainingServer(config, app.state.frontend, settings.limits.drain_timeout_s)
+    server.run(sockets=sockets)
+    if server.engine_lost:
+        sys.exit(1)

@@ -168,3 +168,21 @@ def test_a_submit_after_the_engine_went_away_is_engine_gone_with_its_slots_freed
         client.cancel(7)  # does not raise either: the reader fails what is pending
 
     asyncio.run(main())
+
+
+def test_wait_lost_tells_a_dropped_connection_from_one_the_client_closed() -> None:
+    async def main(path: Path) -> None:
+        server = EngineServer(_StateOnlyEngine(), path)  # type: ignore[arg-type]
+        await server.start()
+        closed_here, dropped = EngineClient(path, 1), EngineClient(path, 2)
+        await closed_here.connect(5)
+        await dropped.connect(5)
+        await closed_here.close()
+        await server.close()  # the engine ends every connection it still has
+        await asyncio.wait_for(dropped.wait_lost(), 5)
+        assert not dropped.connected
+        with pytest.raises(TimeoutError):
+            await asyncio.wait_for(closed_here.wait_lost(), 0.2)
+
+    with tempfile.TemporaryDirectory() as d:
+        asyncio.run(main(Path(d) / "engine.sock"))
