@@ -286,6 +286,9 @@ def test_sticky_device_error_fails_the_request_and_ends_the_engine(make_client, 
     monkeypatch.setattr(type(model), "forward", sticky)
     r = classify(c)
     assert r.status_code == 500 and r.json()["error"]["code"] == "internal"
+    deadline = time.monotonic() + 5  # the batch's answers go out first, then the engine ends (in its thread)
+    while not c.fatal_reasons and time.monotonic() < deadline:
+        time.sleep(0.01)
     assert c.fatal_reasons and "illegal memory access" in c.fatal_reasons[0]
 
 
