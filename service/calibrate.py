@@ -48,7 +48,11 @@ class ServingPreprocess:
     def __init__(self, loaded: LoadedModel, settings: ServiceSettings) -> None:
         limits = settings.limits
         self.pixels = Preprocessor(
-            loaded.data_config, limits.max_image_pixels, limits.jpeg_draft, limits.fused_resize
+            loaded.data_config,
+            limits.max_image_pixels,
+            limits.jpeg_draft,
+            limits.fused_resize,
+            limits.max_jpeg_scans,
         )
         config = loaded.data_config
         self.normalize = Normalize(config["mean"], config["std"], torch.device("cpu"), torch.float32)

@@ -189,6 +189,12 @@ class LimitsSettings(_Strict):
         description="images decoding to more pixels than this (after JPEG draft scaling) are decoded in a "
         "lane of their own at the lowest CPU priority",
     )
+    max_jpeg_scans: int = Field(
+        256,
+        ge=1,
+        description="JPEG scans (SOS markers) an image may have; more -> 422 before decoding (progressive "
+        "JPEGs have ~10; each scan is another pass over the image, as libjpeg-turbo's scan limit guards)",
+    )
     max_heavy_images: int = Field(
         2, ge=1, description="per front-end: heavy images decoding or waiting; more -> 503"
     )

@@ -96,6 +96,7 @@ class Frontend:
                     limits.max_image_pixels,
                     limits.jpeg_draft,
                     fused=limits.fused_resize,
+                    max_jpeg_scans=limits.max_jpeg_scans,
                 ),
                 slots=map_slots(Path(slots["path"]), layout),
                 free=SlotRange(self.id * per_frontend, per_frontend),

@@ -73,7 +73,12 @@ class Preprocessor:
     """
 
     def __init__(
-        self, data_config: dict[str, Any], max_pixels: int, jpeg_draft: bool = True, fused: bool = True
+        self,
+        data_config: dict[str, Any],
+        max_pixels: int,
+        jpeg_draft: bool = True,
+        fused: bool = True,
+        max_jpeg_scans: int = 256,
     ) -> None:
         self.data_config = data_config
         self.fused: FusedCenterCrop | None = fused_center_crop(data_config) if fused else None
@@ -82,6 +87,7 @@ class Preprocessor:
             self._timm_steps = timm_pil_steps(data_config)
         _, self.height, self.width = data_config["input_size"]
         self.max_pixels = max_pixels
+        self.max_jpeg_scans = max_jpeg_scans
         self.draft_size = _resize_target(data_config) if jpeg_draft else None
         self.resize_short = self.fused.short if self.fused is not None else _resize_target(data_config)
 
@@ -107,6 +113,14 @@ class Preprocessor:
                 "too_large",
                 f"image is {width}x{height} = {width * height} pixels, over the limit of {self.max_pixels}",
             )
+        if img.format == "JPEG":
+            # each scan is a pass over every block: a progressive JPEG of thousands of tiny scans costs
+            # seconds; 0xFFDA cannot occur in entropy-coded data (stuffed), so this over-counts at most
+            scans = data.count(b"\xff\xda")
+            if scans > self.max_jpeg_scans:
+                raise ServiceError(
+                    422, "bad_image", f"JPEG has {scans} scans, over the limit of {self.max_jpeg_scans}"
+                )
         if self.draft_size is not None and img.format == "JPEG":
             # both sides stay >= twice the target: PIL's own reducing_gap=2 (Image.thumbnail)
             img.draft(img.mode, (2 * self.draft_size, 2 * self.draft_size))

@@ -402,3 +402,21 @@ def test_an_unexpected_error_is_a_counted_json_500(client, monkeypatch) -> None:
     assert ErrorResponse.model_validate(r.json()).error.code == "internal"
     after = metric_value(client.get("/metrics").text, "tome_requests_total", {"status": "500"})
     assert after == before + 1
+
+
+def test_a_jpeg_with_too_many_scans_is_a_422_and_the_service_still_answers(make_client) -> None:
+    from .test_preprocess import _with_repeated_last_scan
+
+    limits = {
+        "max_body_bytes": 256 * 1024,
+        "max_files": 4,
+        "max_image_pixels": 1_000_000,
+        "max_jpeg_scans": 16,
+    }
+    c = make_client(limits=limits)
+    progressive = image_bytes("JPEG", progressive=True)
+    many = _with_repeated_last_scan(progressive, 20)
+    r = c.post("/classify", content=many, headers={"content-type": "image/jpeg"})
+    assert r.status_code == 422 and r.json()["error"]["code"] == "bad_image", r.text
+    assert c.post("/classify", content=progressive, headers={"content-type": "image/jpeg"}).status_code == 200
+    assert metric_value(c.get("/metrics").text, "tome_rejections_total", {"reason": "bad_image"}) == 1

@@ -121,6 +121,26 @@ def test_pixel_limit_checked_from_header(pre: Preprocessor) -> None:
     assert "25000000" in e.value.message
 
 
+def _with_repeated_last_scan(jpeg: bytes, extra: int) -> bytes:
+    """A progressive JPEG with its last scan (SOS segment and entropy-coded data) repeated ``extra``
+    times: still decodable (libjpeg warns of a bogus progression), each repeat another pass."""
+    last = jpeg.rindex(b"\xff\xda")
+    return jpeg[:-2] + jpeg[last:-2] * extra + b"\xff\xd9"
+
+
+def test_a_jpeg_with_too_many_scans_is_refused_before_decoding() -> None:
+    buffer = io.BytesIO()
+    Image.linear_gradient("L").resize((120, 90)).convert("RGB").save(buffer, "JPEG", progressive=True)
+    progressive = buffer.getvalue()
+    pre = Preprocessor(DATA_CONFIG, max_pixels=1_000_000, max_jpeg_scans=32)
+    assert pre(progressive).shape == (*DATA_CONFIG["input_size"][1:], 3)  # ~10 scans: served
+    many = _with_repeated_last_scan(progressive, 40)
+    assert Preprocessor(DATA_CONFIG, max_pixels=1_000_000)(many).shape == pre(progressive).shape  # valid
+    with pytest.raises(ServiceError) as e:
+        pre.open(many)
+    assert e.value.status == 422 and "scans, over the limit of 32" in e.value.message
+
+
 def test_pil_global_limit_untouched() -> None:
     before = Image.MAX_IMAGE_PIXELS
     Preprocessor(DATA_CONFIG, max_pixels=10)(image_bytes("PNG", size=(2, 2)))
