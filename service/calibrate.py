@@ -46,14 +46,7 @@ class ServingPreprocess:
     """Image bytes -> the float32 ``[3, H, W]`` tensor the engine feeds the model (before its dtype)."""
 
     def __init__(self, loaded: LoadedModel, settings: ServiceSettings) -> None:
-        limits = settings.limits
-        self.pixels = Preprocessor(
-            loaded.data_config,
-            limits.max_image_pixels,
-            limits.jpeg_draft,
-            limits.fused_resize,
-            limits.max_jpeg_scans,
-        )
+        self.pixels = Preprocessor.for_limits(loaded.data_config, settings.limits)
         config = loaded.data_config
         self.normalize = Normalize(config["mean"], config["std"], torch.device("cpu"), torch.float32)
 

@@ -91,13 +91,7 @@ class Frontend:
             model = ServedModel(
                 name=entry["name"],
                 info=entry,
-                preprocessor=Preprocessor(
-                    entry["data_config"],
-                    limits.max_image_pixels,
-                    limits.jpeg_draft,
-                    fused=limits.fused_resize,
-                    max_jpeg_scans=limits.max_jpeg_scans,
-                ),
+                preprocessor=Preprocessor.for_limits(entry["data_config"], limits),
                 slots=map_slots(Path(slots["path"]), layout),
                 free=SlotRange(self.id * per_frontend, per_frontend),
                 device_jpeg=bool(entry.get("device_jpeg_decode", False)),

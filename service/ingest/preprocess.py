@@ -10,13 +10,16 @@ from __future__ import annotations
 import io
 import math
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from ..errors import ServiceError
 from .fast_transform import FusedCenterCrop, fused_center_crop
+
+if TYPE_CHECKING:
+    from ..settings import LimitsSettings
 
 ALLOWED_FORMATS = frozenset({"JPEG", "PNG", "WEBP", "BMP", "GIF"})
 
@@ -91,6 +94,17 @@ class Preprocessor:
         self.draft_size = _resize_target(data_config) if jpeg_draft else None
         self.resize_short = self.fused.short if self.fused is not None else _resize_target(data_config)
 
+    @classmethod
+    def for_limits(cls, data_config: dict[str, Any], limits: LimitsSettings) -> Preprocessor:
+        """The preprocessor ``limits`` configure: one place, for the service and ``tome-serve calibrate``."""
+        return cls(
+            data_config,
+            limits.max_image_pixels,
+            limits.jpeg_draft,
+            fused=limits.fused_resize,
+            max_jpeg_scans=limits.max_jpeg_scans,
+        )
+
     def open(self, data: bytes) -> Image.Image:
         """Read only the header: format, size, pixel limit; JPEGs set up for draft decoding. The image's
         ``size`` is then the size it will decode at (its cost); raises ``ServiceError``."""
@@ -114,16 +128,16 @@ class Preprocessor:
                 f"image is {width}x{height} = {width * height} pixels, over the limit of {self.max_pixels}",
             )
         if img.format == "JPEG":
-            # each scan is a pass over every block: a progressive JPEG of thousands of tiny scans costs
-            # seconds; 0xFFDA cannot occur in entropy-coded data (stuffed), so this over-counts at most
+            # each scan is another pass over every block; 0xFFDA cannot occur in entropy-coded data
+            # (stuffed), so this over-counts at most
             scans = data.count(b"\xff\xda")
             if scans > self.max_jpeg_scans:
                 raise ServiceError(
                     422, "bad_image", f"JPEG has {scans} scans, over the limit of {self.max_jpeg_scans}"
                 )
-        if self.draft_size is not None and img.format == "JPEG":
-            # both sides stay >= twice the target: PIL's own reducing_gap=2 (Image.thumbnail)
-            img.draft(img.mode, (2 * self.draft_size, 2 * self.draft_size))
+            if self.draft_size is not None:
+                # both sides stay >= twice the target: PIL's own reducing_gap=2 (Image.thumbnail)
+                img.draft(img.mode, (2 * self.draft_size, 2 * self.draft_size))
         return img
 
     def load(self, img: Image.Image) -> Image.Image:
