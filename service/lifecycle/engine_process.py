@@ -77,7 +77,7 @@ def engine_main(
 ) -> None:
     """The engine process: sends ``("loaded", "")`` or ``("failed", message)`` on ``status``."""
     configure_child("engine", log_level)
-    rundir = RunDir(Path(run_path))
+    rundir = RunDir.join(Path(run_path))
     rundir.register_pid("engine")
     engine = Engine(settings, rundir, EngineMetrics(registry=None), workers, die)
     try:

@@ -98,7 +98,7 @@ def frontend_main(
     """Entry point of front-end process ``frontend_id`` (spawned by the supervisor)."""
     role = f"frontend-{frontend_id}"
     configure_child(role, log_level)
-    rundir = RunDir(Path(run_path))
+    rundir = RunDir.join(Path(run_path))
     rundir.register_pid(role)
     app = create_app(settings, rundir, frontend_id)
     limits, metrics = settings.limits, app.state.frontend.metrics
