@@ -363,6 +363,9 @@ class Engine:
         if not self.ready:
             reply(Reject(request_id, "warming_up", "the service is warming up"))
             return
+        if self.draining:  # before auto counts a decision for a request that will not run
+            reply(Reject(request_id, "draining", "the service is shutting down"))
+            return
         reason = None
         if tier == AUTO and model in self.auto:
             picked = self._choose_auto(model, deadline, len(slots))
@@ -392,6 +395,8 @@ class Engine:
             return
         self.requests[(conn, request_id)] = request
         self._idle.clear()
+        if reason is not None:
+            self._count_auto(model, queue.tier, reason)
 
     def _choose_auto(self, model: str, deadline: float, images: int) -> tuple[str, str] | Reject:
         """tier=auto: the most faithful tier predicted to answer by ``deadline`` (engine/auto.py)."""
@@ -427,12 +432,15 @@ class Engine:
                 self.metrics.auto_decisions.labels(model=model, tier="none", reason="queue_share").inc()
                 return Reject(0, "overloaded", "auto's share of every tier's queue is full; retry later")
             tier, reason = roomy[0], "queue_share"
+        return tier, reason
+
+    def _count_auto(self, model: str, tier: str, reason: str) -> None:
+        """An auto request queued at ``tier``: its decision and its share of auto's effective agreement."""
         self.metrics.auto_decisions.labels(model=model, tier=tier, reason=reason).inc()
         agreement = self.agreements.get(model, {}).get(tier)
         if agreement is not None:
-            self.auto_agreement[model].add(agreement, now)
+            self.auto_agreement[model].add(agreement, time.monotonic())
             self.metrics.auto_agreement.labels(model=model).set(self.auto_agreement[model].mean)
-        return tier, reason
 
     def _queue_for(self, model: str, tier: str | int) -> TierQueue | Reject:
         loaded = self.models.get(model)

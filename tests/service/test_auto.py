@@ -131,3 +131,17 @@ def test_auto_can_be_the_default_tier(make_client) -> None:
     r = c.post("/classify", content=PNG, headers={"content-type": "image/png"})
     assert r.status_code == 200 and r.json()["auto_reason"] in ("fits", "deadline")
     assert c.get("/tiers").json()["tiny"]["default_tier"] == "auto"
+
+
+def test_auto_counts_no_decision_for_a_request_refused_while_draining(make_client) -> None:
+    """A draining engine refuses an auto request before choosing its tier: neither
+    ``tome_auto_tier_total`` nor auto's effective agreement counts a request that never runs."""
+    c = make_client()
+    replies: list[object] = []
+    c.engine.draining = True  # as begin_drain sets it, without telling the front-end
+    try:
+        c.engine.submit(999, 1, "tiny", "auto", time.monotonic() + 10, 1, [0], replies.append)
+    finally:
+        c.engine.draining = False
+    assert [(r.code, r.request_id) for r in replies] == [("draining", 1)]  # type: ignore[attr-defined]
+    assert metric_value(c.get("/metrics").text, "tome_auto_tier_total") == 0
