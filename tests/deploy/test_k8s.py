@@ -100,11 +100,24 @@ def test_service_selects_the_pods(docs: dict[str, dict[str, Any]]) -> None:
     assert docs["Service"]["spec"]["ports"][0]["targetPort"] == "http"
 
 
-def test_scrape_annotations(docs: dict[str, dict[str, Any]]) -> None:
+def test_scrape_annotations(
+    docs: dict[str, dict[str, Any]],
+    container: dict[str, Any],
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Prometheus scrapes the probe port (server.probe_port serves /metrics too, "for health probes and
+    scrapes"): on the main port a flood of clients delays scrapes, and the autoscaler's metric with them."""
     annotations = docs["Deployment"]["spec"]["template"]["metadata"]["annotations"]
+    config = tmp_path / "config.toml"
+    config.write_text(docs["ConfigMap"]["data"]["config.toml"])
+    monkeypatch.delenv("TOME_CONFIG_FILE", raising=False)
+    probe_port = load_settings(config).server.probe_port
+    ports = {p["name"]: p["containerPort"] for p in container["ports"]}
+    assert probe_port is not None and ports["probe"] == probe_port
     assert annotations == {
         "prometheus.io/scrape": "true",
-        "prometheus.io/port": "8000",
+        "prometheus.io/port": str(probe_port),
         "prometheus.io/path": "/metrics",
     }
 
