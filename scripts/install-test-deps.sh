@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Installs what the test suite uses but pip cannot: Debian's prometheus (/usr/bin/prometheus, promtool)
-# apache2-utils (/usr/bin/ab, for the host-path benchmark's test) and nghttp2-client (/usr/bin/h2load,
-# the C open-loop generator of the reliability benchmark).
+# apache2-utils (/usr/bin/ab, for the host-path benchmark's test), nghttp2-client (/usr/bin/h2load,
+# the C open-loop generator of the reliability benchmark) and nginx-light (/usr/sbin/nginx, for
+# tests/deploy/test_nginx_live.py).
 # Idempotent and quick when present. Without root or apt-get it only says what to do and exits 0:
 # the tests that need them then skip with that reason.
 set -euo pipefail
@@ -15,6 +16,9 @@ if ! command -v ab >/dev/null; then
 fi
 if ! command -v h2load >/dev/null; then
   missing+=(nghttp2-client)
+fi
+if ! command -v nginx >/dev/null && [ ! -x /usr/sbin/nginx ]; then
+  missing+=(nginx-light)
 fi
 if [ "${#missing[@]}" -eq 0 ]; then
   exit 0
