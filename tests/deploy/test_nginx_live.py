@@ -136,3 +136,18 @@ def test_every_replica_503_passes_the_503_through(tmp_path: Path) -> None:
         second.close()
     assert set(answers) <= {(503, "a"), (503, "b")} and sum(answers.values()) == 4, answers
     assert first.posts + second.posts == 8, "each request tried on both replicas, once each"
+
+
+def test_a_body_over_the_limit_is_a_json_413_from_nginx(tmp_path: Path) -> None:
+    """nginx refuses a body over the service's 16 MiB limit itself: the client gets the service's error
+    shape (code ``too_large``), not nginx's HTML page, and no replica sees the request."""
+    first, second = Replica("a", fail_first=0), Replica("b", fail_first=0)
+    try:
+        with nginx_in_front_of([first.port, second.port], tmp_path) as url:
+            r = httpx.post(url + "/classify", content=b"x" * (16 * 1024 * 1024 + 1), timeout=30)
+    finally:
+        first.close()
+        second.close()
+    assert r.status_code == 413 and r.headers["content-type"].startswith("application/json"), r.text
+    assert r.json()["error"]["code"] == "too_large"
+    assert first.posts + second.posts == 0
