@@ -201,3 +201,17 @@ def test_concurrent_calls_with_different_r_equal_sequential_calls() -> None:
 def test_unsupported_models_are_refused_by_name(make, message: str) -> None:
     with pytest.raises(tome.UnsupportedModelError, match=message):
         tome.patch(make())
+
+
+# --- train / eval mode -----------------------------------------------------------------------------
+
+
+def test_attention_dropout_follows_the_vit_mode_not_the_wrapper() -> None:
+    """``patch`` of an eval-mode ViT with attention dropout: the wrapper starts in training mode (as
+    every nn.Module does), but timm drops attention only when the Attention module trains."""
+    vit = _vit(depth=4, attn_drop_rate=0.5)
+    model = tome.patch(vit)
+    x = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), vit(x), atol=1e-5, rtol=0)
+        torch.testing.assert_close(model(x, r=4), model(x, r=4), atol=0, rtol=0)

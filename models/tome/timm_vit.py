@@ -172,8 +172,10 @@ class ToMeVisionTransformer(nn.Module):
         q, k, v = qkv.unbind(0)
         q, k = attn.q_norm(q), attn.k_norm(k)
         bias = proportional_attention_bias(size, q.dtype) if self.prop_attn and size is not None else None
+        # attention dropout follows the attention module's own mode, as in timm (not the wrapper's,
+        # which nn.Module creates in training mode even around an eval-mode ViT)
         out = F.scaled_dot_product_attention(
-            q, k, v, attn_mask=bias, dropout_p=attn.attn_drop.p if self.training else 0.0
+            q, k, v, attn_mask=bias, dropout_p=attn.attn_drop.p if attn.training else 0.0
         )
         out = out.transpose(1, 2).reshape(B, N, attn.num_heads * attn.head_dim)
         out = attn.norm(out)
