@@ -153,6 +153,18 @@ def test_reduced_precision_runs_in_that_dtype_and_tracks_float32(dtype: torch.dt
     assert (low.float() - expected).abs().max().item() < 0.05 * scale
 
 
+def test_float32_merge_never_lowers_a_float64_model() -> None:
+    """``float32_merge`` raises bf16/fp16 to float32; in a float64 model it must not round the
+    similarity and the weighted average down to float32 (it gave 3e-8 instead of 4e-16 here)."""
+    vit = _vit(depth=4).double()
+    x = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    with torch.no_grad():
+        default = tome.patch(vit)(x, r=5)
+        native = tome.patch(vit, float32_merge=False)(x, r=5)
+    assert default.dtype == torch.float64
+    torch.testing.assert_close(default, native, atol=1e-12, rtol=0)
+
+
 # --- thread safety ---------------------------------------------------------------------------------
 
 

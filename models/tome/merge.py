@@ -51,6 +51,12 @@ class Matching:
         return torch.cat([x[:, : self.protected], unmerged, dst], dim=1)
 
 
+def compute_dtype_for(compute_dtype: torch.dtype | None, dtype: torch.dtype) -> torch.dtype:
+    """The dtype to score and merge a ``dtype`` tensor in: ``compute_dtype`` promoted with ``dtype``, so a
+    float32 ``compute_dtype`` raises bf16/fp16 but never lowers a float64 model (``None``: ``dtype``)."""
+    return dtype if compute_dtype is None else torch.promote_types(compute_dtype, dtype)
+
+
 def bipartite_soft_matching(
     metric: torch.Tensor, r: int, protected: int = 0, compute_dtype: torch.dtype | None = torch.float32
 ) -> Matching | None:
@@ -58,7 +64,7 @@ def bipartite_soft_matching(
 
     Returns ``None`` when nothing is merged (``r`` is capped at half the unprotected tokens).
     Ties are broken towards the lower token index (stable sort), so results are deterministic.
-    Scores are computed in ``compute_dtype`` (``None``: ``metric``'s own dtype).
+    Scores are computed in ``compute_dtype`` (``None``: ``metric``'s own dtype; never below it).
     """
     t = metric.shape[1]
     r = min(r, (t - protected) // 2)
@@ -67,8 +73,7 @@ def bipartite_soft_matching(
     a_start = protected + protected % 2  # first even position at or after `protected`
     b_start = protected + 1 - protected % 2
     with torch.no_grad():
-        if compute_dtype is not None:
-            metric = metric.to(compute_dtype)
+        metric = metric.to(compute_dtype_for(compute_dtype, metric.dtype))
         metric = metric / metric.norm(dim=-1, keepdim=True)
         a, b = metric[:, a_start::2], metric[:, b_start::2]
         scores = a @ b.transpose(-1, -2)
@@ -89,9 +94,10 @@ def merge_wavg(
     """Average merged tokens weighted by their size; sizes add up.
 
     ``size`` is ``[B, T, 1]`` float32, or ``None`` meaning every token has size 1. The weighted sum
-    and division run in ``compute_dtype`` (``None``: ``x``'s own dtype); the result has ``x``'s dtype.
+    and division run in ``compute_dtype`` (``None``: ``x``'s own dtype; never below it); the result has
+    ``x``'s dtype.
     """
-    dtype = compute_dtype or x.dtype
+    dtype = compute_dtype_for(compute_dtype, x.dtype)
     xc = x.to(dtype)
     if size is None:
         size = x.new_ones(x.shape[0], x.shape[1], 1, dtype=torch.float32)

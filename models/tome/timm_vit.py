@@ -18,7 +18,13 @@ from timm.models.deit import VisionTransformerDistilled
 from timm.models.vision_transformer import Block, VisionTransformer
 from torch import nn
 
-from .merge import bipartite_soft_matching, merge_source, merge_wavg, proportional_attention_bias
+from .merge import (
+    bipartite_soft_matching,
+    compute_dtype_for,
+    merge_source,
+    merge_wavg,
+    proportional_attention_bias,
+)
 from .schedule import RSpec, parse_r, token_schedule
 
 SUPPORTED_MODEL_CLASSES = (VisionTransformer, VisionTransformerDistilled)
@@ -153,7 +159,7 @@ class ToMeVisionTransformer(nn.Module):
         x = x + block.drop_path1(block.ls1(attn_out))
         if r > 0:
             # Merge between the attention and MLP branches; similarity = keys averaged over heads.
-            metric = (keys if self.merge_dtype is None else keys.to(self.merge_dtype)).mean(dim=1)
+            metric = keys.to(compute_dtype_for(self.merge_dtype, keys.dtype)).mean(dim=1)
             matching = bipartite_soft_matching(metric, r, self.num_prefix_tokens, self.merge_dtype)
             if matching is not None:
                 if source is not None:
