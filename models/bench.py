@@ -39,7 +39,9 @@ class Row:
 
 
 def parse_schedule(text: str) -> tome.RSpec:
-    """``13`` → 13; ``16:-1`` → (16, -1.0); ``4/4/2/0`` → [4, 4, 2, 0]."""
+    """``13`` → 13; ``16:-1`` → (16, -1.0); ``4/4/2/0`` → [4, 4, 2, 0]; a leading ``r`` (``r16:-1``, the
+    calibration's candidate names) is allowed."""
+    text = text.removeprefix("r")
     if ":" in text:
         r, inflection = text.split(":")
         return (int(r), float(inflection))

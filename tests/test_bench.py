@@ -13,6 +13,10 @@ def test_parse_schedule_forms() -> None:
     assert bench.parse_schedule("13") == 13
     assert bench.parse_schedule("16:-1") == (16, -1.0)
     assert bench.parse_schedule("4/4/2") == [4, 4, 2]
+    # the calibration's candidate names (``r16:-1``, ``r8``, ``r4/4/2``) name the same schedules
+    assert bench.parse_schedule("r16:-1") == (16, -1.0)
+    assert bench.parse_schedule("r8") == 8
+    assert bench.parse_schedule("r4/4/2") == [4, 4, 2]
 
 
 def test_bench_json(capsys: pytest.CaptureFixture[str]) -> None:

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-RSpec = int | Sequence[int] | tuple[int, float]
-"""An ``r`` schedule: an int (constant), a per-block list, or ``(r, inflection)``.
+RSpec = int | list[int] | tuple[int, float]
+"""An ``r`` schedule: an int (constant), a per-block list, or ``(r, inflection)``; as the official
+release, a tuple is always ``(r, inflection)`` and only a list is per block.
 
 ``(r, 0)`` is the constant schedule; ``(r, -1)`` the paper's decreasing schedule
 (2r in the first block down to 0 in the last).
