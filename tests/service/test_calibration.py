@@ -83,14 +83,19 @@ def test_calibration_figures_match_an_independent_recomputation(calibrated: tupl
 
 def test_budget_tiers_resolve_to_schedules_that_meet_them(calibrated: tuple[Path, Path]) -> None:
     path, _ = calibrated
-    tiers = {"exact": {"r": 0}, "careful": {"max_agreement_loss": 0.15}, "quick": {"min_speedup": 1.2}}
+    # A speed budget the file's fastest schedule meets: one timing round on a busy 2-core machine has
+    # read r16 slower than 1.2x, so a fixed 1.2 tested the machine's load, not the resolution.
+    fastest = max(s.speedup.median for s in Calibration.load(path).schedules)
+    budget = round(min(1.2, 0.95 * fastest), 3)
+    assert budget > 1.0, f"no calibrated schedule measured faster than r=0 ({fastest:.2f}x)"
+    tiers = {"exact": {"r": 0}, "careful": {"max_agreement_loss": 0.15}, "quick": {"min_speedup": budget}}
     loaded = load_model(
         ModelSpec(**_spec(calibration=str(path), tiers=tiers, default_tier="exact")), torch.device("cpu")
     )
     careful, quick = loaded.tiers["careful"], loaded.tiers["quick"]
     assert careful.calibration is not None and careful.budget == {"max_agreement_loss": 0.15}
     assert careful.calibration.agreement.ci_low >= 0.85  # the promise: at 95% confidence
-    assert quick.calibration is not None and quick.calibration.speedup.median >= 1.2
+    assert quick.calibration is not None and quick.calibration.speedup.median >= budget
     assert loaded.tiers["exact"].calibration is not None  # an explicit r it measured: its figures too
     assert tuple(careful.info.r_per_block) == tuple(careful.calibration.r_per_block)
 
