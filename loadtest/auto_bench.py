@@ -85,8 +85,10 @@ def config(
     return "\n".join(lines) + "\n"
 
 
-def capacity(url: str, seconds: float, clients: int = 32) -> float:
-    """Closed-loop tier=exact requests/s (completions in the last ``seconds``, after 5 s of ramp)."""
+def capacity(url: str, seconds: float, clients: int = 32, ramp: float = 5.0) -> float:
+    """Closed-loop tier=exact requests/s: completions inside the ``seconds`` that follow ``ramp`` s of
+    load. The requests still in flight when the window closes (one per client) complete after it and
+    are not counted: counted, they would add ``clients / seconds`` to the rate."""
     photos = sorted(DEFAULT_IMAGES_DIR.glob("*.JPEG"))[:100]
     bodies = [p.read_bytes() for p in photos]
     done: list[float] = []
@@ -105,13 +107,14 @@ def capacity(url: str, seconds: float, clients: int = 32) -> float:
                 if r.status_code == 200:
                     done.append(time.monotonic())
 
-    async def run() -> None:
-        until = time.monotonic() + 5 + seconds
+    async def run() -> tuple[float, float]:
+        start = time.monotonic() + ramp
+        until = start + seconds
         await asyncio.gather(*(client(i, until) for i in range(clients)))
+        return start, until
 
-    start = time.monotonic() + 5
-    asyncio.run(run())
-    return sum(1 for t in done if t >= start) / seconds
+    start, until = asyncio.run(run())
+    return sum(1 for t in done if start <= t <= until) / seconds
 
 
 def open_loop(url: str, tier: str, rate: float, seconds: float, work: Path) -> dict[str, Any]:
