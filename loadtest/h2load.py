@@ -22,7 +22,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from loadtest.openloop_stats import percentiles
+from loadtest.openloop_stats import REFUSALS, percentiles
 
 MAX_CONNECTIONS_PER_PERIOD = 50
 
@@ -99,11 +99,12 @@ def run(
     counts: dict[str, int] = {}
     for _, status, _ in window:
         counts[str(status)] = counts.get(str(status), 0) + 1
+    by_status = {code: percentiles([d for _, s, d in window if str(s) == code]) for code in counts}
     unanswered = total - len(rows)
     if unanswered:
         counts["no answer (whole run)"] = unanswered
     ok = [d for _, s, d in window if s == 200]
-    refused = [d for _, s, d in window if s in (503, 504)]
+    refused = [d for _, s, d in window if s in REFUSALS]  # as openloop's: a 504 is no refusal
     connect = _summary_ms(done.stdout, "time for connect")
     slow_connect = connect is not None and connect["max"] > 100  # waiting in the accept queue
     return {
@@ -118,7 +119,7 @@ def run(
         "window_s": seconds,
         "counts": counts,
         "goodput_rps": len(ok) / seconds,
-        "latency_ms": {"ok": percentiles(ok), "refused": percentiles(refused)},
+        "latency_ms": {"ok": percentiles(ok), "refused": percentiles(refused), "by_status": by_status},
     }
 
 

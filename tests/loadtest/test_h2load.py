@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import http.server
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -66,3 +67,44 @@ def test_a_real_run_counts_every_answer_in_its_window(teapot: str, tmp_path: Pat
     assert run["latency_ms"]["ok"]["count"] == run["counts"]["200"]
     teas = h2load.run(f"{teapot}/tea", body, "image/jpeg", rate=50, seconds=0.5, warmup=0, timeout=5)
     assert set(teas["counts"]) == {"418"} and teas["goodput_rps"] == 0
+
+
+class _Overloaded(http.server.BaseHTTPRequestHandler):
+    """Every other request refused at once (503), the rest answered 504 after 0.3 s (a deadline)."""
+
+    answered = 0
+
+    def do_POST(self) -> None:
+        self.rfile.read(int(self.headers["content-length"]))
+        type(self).answered += 1
+        late = type(self).answered % 2 == 0
+        if late:
+            time.sleep(0.3)
+        self.send_response(504 if late else 503)
+        self.send_header("content-length", "0")
+        self.end_headers()
+
+    def log_message(self, *args: object) -> None:
+        pass
+
+
+@pytest.mark.skipif(not h2load.available(), reason="h2load is not installed (nghttp2-client)")
+def test_refusals_are_the_same_statuses_as_openloops_and_504s_stay_apart(tmp_path: Path) -> None:
+    """``latency_ms.refused`` means what loadtest.openloop's does (429/503: sent back at once); a 504
+    is a deadline that passed while queued, and mixing it in reads as slow refusals."""
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Overloaded)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    body = tmp_path / "body.bin"
+    body.write_bytes(b"x" * 1000)
+    try:
+        url = f"http://127.0.0.1:{server.server_address[1]}/classify"
+        run = h2load.run(url, body, "image/jpeg", rate=40, seconds=0.5, warmup=0, timeout=5)
+    finally:
+        server.shutdown()
+        server.server_close()
+    counts, latency = run["counts"], run["latency_ms"]
+    assert set(counts) == {"503", "504"}
+    assert latency["refused"]["count"] == counts["503"]
+    assert latency["refused"]["max"] < 250
+    assert latency["by_status"]["504"]["count"] == counts["504"]
+    assert latency["by_status"]["504"]["p50"] >= 300
