@@ -210,7 +210,9 @@ def overload(
 ) -> dict[str, Any]:
     """Also polls the probes on ``server.probe_port`` (their own accept queue), beside the main port's.
 
-    Capacity is measured again after each load, and each load's goodput is taken against the mean of
+    Capacity is measured again after each load; each load is offered at its multiple of the capacity
+    measured just before it (``offered_of_capacity`` says what that was of the mean below), and its
+    goodput is taken against the mean of
     the capacities just before and just after it: this VM's speed drifts by up to ~25% within a minute
     (ApacheBench read 35.0 and 45.6 req/s in consecutive 10 s runs on one server), which one capacity
     figure at the start would put into every ratio. With ``rounds`` > 1 the loads repeat and each
@@ -223,18 +225,22 @@ def overload(
     per_load: dict[float, list[dict[str, Any]]] = {load: [] for load in loads}
     for _ in range(rounds):
         for load in loads:
-            per_load[load].append(_one_load(server, work, cap * load, seconds, probe_port, generator, load))
+            # offered against the latest capacity, not the first: on a drifting VM a "3x" set from a capacity
+            # read minutes earlier could be 2.4x or 3.75x of what the server can do now
+            rate = capacities[-1] * load
+            per_load[load].append(_one_load(server, work, rate, seconds, probe_port, generator, load))
             time.sleep(5)  # let the backlog drain before measuring capacity again
             capacities.append(capacity(server, work))
             bracket = (capacities[-2] + capacities[-1]) / 2
             entry = per_load[load][-1]
             entry["capacity_before_after_rps"] = [round(capacities[-2], 1), round(capacities[-1], 1)]
+            entry["offered_of_capacity"] = round(rate / bracket, 3)
             entry["goodput_of_capacity"] = round(entry["goodput_rps"] / bracket, 3)
             entry["served_of_capacity"] = round(entry.pop("served_ips") / bracket, 3)
     for load, entries in per_load.items():
         summary: dict[str, Any] = {
             key: statistics.median(e[key] for e in entries)
-            for key in ("goodput_of_capacity", "served_of_capacity")
+            for key in ("offered_of_capacity", "goodput_of_capacity", "served_of_capacity")
         }
         for key in ("healthz_max_s", "readyz_max_s", "probe_port_healthz_max_s", "probe_port_readyz_max_s"):
             values = [e[key] for e in entries if e[key] is not None]

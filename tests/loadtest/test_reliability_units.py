@@ -6,6 +6,7 @@ import http.server
 import threading
 import time
 
+from loadtest import reliability
 from loadtest.reliability import _poll, cpu_list
 
 
@@ -52,3 +53,30 @@ def test_the_poller_times_each_probe_on_a_new_connection_and_records_failures() 
     stop_later.start()
     _poll(url, "/healthz", stop, failed)  # the server is gone
     assert failed and all(s == float("inf") for s in failed)
+
+
+def test_overload_offers_each_load_against_the_capacity_measured_just_before_it(monkeypatch) -> None:
+    """The VM's speed drifts: each load's rate follows the latest capacity (not the first), and the
+    report says what was offered against the capacities around it."""
+    capacities = iter([100.0, 80.0, 120.0, 60.0])
+    offered: list[float] = []
+
+    def one_load(server, work, rate, seconds, probe_port, generator, load):
+        offered.append(rate)
+        return {
+            "goodput_rps": rate / 2,
+            "served_ips": rate / 2,
+            "healthz_max_s": 0.1,
+            "readyz_max_s": 0.1,
+            "probe_port_healthz_max_s": 0.1,
+            "probe_port_readyz_max_s": 0.1,
+        }
+
+    monkeypatch.setattr(reliability, "capacity", lambda server, work: next(capacities))
+    monkeypatch.setattr(reliability, "_one_load", one_load)
+    monkeypatch.setattr(reliability.time, "sleep", lambda s: None)
+    out = reliability.overload(None, None, [1.5, 3.0], 1.0, 0, "h2load", rounds=1)  # type: ignore[arg-type]
+    assert offered == [150.0, 240.0]  # 1.5 x 100, then 3 x 80
+    assert out["1.5x"]["offered_of_capacity"] == round(150 / 90, 3)
+    assert out["3.0x"]["offered_of_capacity"] == round(240 / 100, 3)
+    assert out["3.0x"]["goodput_of_capacity"] == round(120 / 100, 3)
