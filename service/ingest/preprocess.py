@@ -22,6 +22,36 @@ if TYPE_CHECKING:
     from ..settings import LimitsSettings
 
 ALLOWED_FORMATS = frozenset({"JPEG", "PNG", "WEBP", "BMP", "GIF"})
+MIN_READ_BUDGET = 10_000  # reads of an image's bytes Pillow may make, at least ...
+BYTES_PER_READ = 256  # ... or one per this many bytes of the image, whichever is more
+
+
+class _ReadBudget(io.BytesIO):
+    """An image's bytes for Pillow to read, with a cap on how many reads it makes (header and decode).
+
+    Pillow walks a file's structure in Python, one small read at a time: each JPEG segment, PNG chunk
+    or GIF block, and each stray byte between JPEG segments. Real images take tens to a few hundred
+    reads (a 36 MB BMP: 554; PNGs one to four per IDAT chunk); an 8 MB file of comment segments, fill
+    bytes, text chunks or 1-byte IDAT chunks takes millions, ~2-4 s of CPU in a decode thread. The cap
+    (``MIN_READ_BUDGET``, or one read per ``BYTES_PER_READ`` bytes) keeps that below what decoding a real
+    image of the same size costs.
+    """
+
+    def __init__(self, data: bytes) -> None:
+        super().__init__(data)
+        self.budget = max(MIN_READ_BUDGET, len(data) // BYTES_PER_READ)
+        self.reads_left = self.budget
+
+    def read(self, size: int | None = -1) -> bytes:
+        self.reads_left -= 1
+        if self.reads_left < 0:
+            raise ServiceError(
+                422,
+                "bad_image",
+                f"image structure is too fragmented: more than {self.budget} segments, chunks or blocks "
+                f"to read in {len(self.getbuffer())} bytes",
+            )
+        return super().read(size)
 
 
 def timm_pil_steps(data_config: dict[str, Any]) -> Callable[[Image.Image], Image.Image]:
@@ -111,7 +141,7 @@ class Preprocessor:
         if not data:
             raise ServiceError(422, "bad_image", "empty image: the body or file part has no bytes")
         try:
-            img = Image.open(io.BytesIO(data), formats=sorted(ALLOWED_FORMATS))
+            img = Image.open(_ReadBudget(data), formats=sorted(ALLOWED_FORMATS))
         except UnidentifiedImageError as e:
             raise ServiceError(
                 415, "bad_image", f"not a supported image (accepted: {', '.join(sorted(ALLOWED_FORMATS))})"

@@ -211,3 +211,36 @@ def test_a_flood_of_huge_images_is_bounded_and_others_are_served(tmp_path: Path)
             normal_codes = [c for f in normals for c in f.result()]
     assert set(flood_codes) <= {200, 503} and 503 in flood_codes, flood_codes
     assert normal_codes and set(normal_codes) == {200}
+
+
+def test_an_image_fragmented_into_a_million_segments_is_refused_and_others_are_served(tmp_path: Path) -> None:
+    """A valid 1x1 JPEG padded with ~1M empty comment segments (4 MB): Pillow reads its header in Python,
+    one segment at a time, ~1.3 s of CPU that held the front-end's event loop (and its /healthz) and took
+    a decode thread. It is a 422 at once; the front-end's other connections are answered meanwhile."""
+    buf = io.BytesIO()
+    Image.new("RGB", (1, 1)).save(buf, "JPEG")
+    tiny = buf.getvalue()
+    costly = tiny[:2] + b"\xff\xfe\x00\x02" * 980_000 + tiny[2:]  # under max_body_bytes (4 MB)
+    one_front_end = BASE.replace("workers = 2", "workers = 1")
+    with serve(tmp_path, base=one_front_end) as (url, _, _, log):
+
+        def post() -> tuple[int, float]:
+            start = time.monotonic()
+            r = httpx.post(
+                f"{url}/classify", content=costly, headers={"content-type": "image/jpeg"}, timeout=30
+            )
+            return r.status_code, time.monotonic() - start
+
+        with ThreadPoolExecutor(1) as pool:
+            posted = pool.submit(post)
+            time.sleep(0.15)  # its body is in and its header is being read
+            waits = []
+            for _ in range(5):
+                start = time.monotonic()
+                assert httpx.get(f"{url}/healthz", timeout=30).status_code == 200
+                waits.append(time.monotonic() - start)
+            status, took = posted.result()
+        assert (status, took < 1.0) == (422, True), (status, took)
+        assert max(waits) < 0.3, waits
+        still_serving(url)
+    assert "Traceback" not in log.read_text()

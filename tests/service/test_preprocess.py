@@ -7,6 +7,9 @@ comparisons with timm's float transform go through that same ``Normalize``.
 from __future__ import annotations
 
 import io
+import struct
+import time
+import zlib
 
 import numpy as np
 import pytest
@@ -139,6 +142,66 @@ def test_a_jpeg_with_too_many_scans_is_refused_before_decoding() -> None:
     with pytest.raises(ServiceError) as e:
         pre.open(many)
     assert e.value.status == 422 and "scans, over the limit of 32" in e.value.message
+
+
+def _png_chunk(kind: bytes, data: bytes) -> bytes:
+    return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+
+def _fragmented(kind: str) -> bytes:
+    """A valid image whose structure Pillow reads in millions of small steps (~1-2 s of CPU each)."""
+    jpeg, png = image_bytes("JPEG", size=(8, 8)), image_bytes("PNG", size=(8, 8))
+    if kind == "jpeg-comments":  # 1M empty comment segments before the frame
+        return jpeg[:2] + b"\xff\xfe\x00\x02" * 1_000_000 + jpeg[2:]
+    if kind == "jpeg-fill-bytes":  # fill bytes are allowed before any marker: Pillow reads them one by one
+        return jpeg[:2] + b"\xff" * 4_000_000 + jpeg[2:]
+    if kind == "png-text-chunks":
+        return png[:33] + _png_chunk(b"tEXt", b"k\x00v") * 300_000 + png[33:]
+    if kind == "png-1-byte-idats":  # the pixel data split into 1-byte IDAT chunks, then empty ones
+        at = png.index(b"IDAT") - 4
+        (length,) = struct.unpack(">I", png[at : at + 4])
+        stream = png[at + 8 : at + 8 + length]
+        idats = b"".join(_png_chunk(b"IDAT", stream[i : i + 1]) for i in range(len(stream)))
+        return png[:at] + idats + _png_chunk(b"IDAT", b"") * 300_000 + _png_chunk(b"IEND", b"")
+    gif = image_bytes("GIF", size=(8, 8))
+    at = gif.index(b"\x2c")  # the image descriptor: a comment extension of 1-byte sub-blocks before it
+    return gif[:at] + b"\x21\xfe" + b"\x01c" * 2_000_000 + b"\x00" + gif[at:]
+
+
+@pytest.mark.parametrize(
+    "kind", ["jpeg-comments", "jpeg-fill-bytes", "png-text-chunks", "png-1-byte-idats", "gif-comment-blocks"]
+)
+def test_an_image_fragmented_into_millions_of_parts_is_refused_at_once(pre: Preprocessor, kind: str) -> None:
+    data = _fragmented(kind)
+    assert len(data) < 8_388_608  # under the demo's body limit
+    start = time.process_time()
+    with pytest.raises(ServiceError) as e:
+        pre(data)
+    assert time.process_time() - start < 0.25  # unbounded, 0.5-2.5 s here
+    assert e.value.status == 422 and e.value.code == "bad_image"
+    assert "too fragmented" in e.value.message
+
+
+def test_the_read_budget_lets_large_real_images_through() -> None:
+    """A 16 MB BMP reads in 64 KB blocks; a PNG with the 8 KB IDAT chunks libpng writes, one to four reads
+    per chunk: both far under the budget."""
+    pixels = np.random.default_rng(0).integers(0, 256, (1000, 1000, 3), dtype=np.uint8)
+    bmp = image_bytes("BMP", size=(2300, 2300))
+    buf = io.BytesIO()
+    Image.fromarray(pixels).save(buf, "PNG", compress_level=0)
+    png, at, stream = buf.getvalue(), 8, b""
+    while png[at + 4 : at + 8] != b"IEND":  # every IDAT's data, in one zlib stream
+        (length,) = struct.unpack(">I", png[at : at + 4])
+        if png[at + 4 : at + 8] == b"IDAT":
+            stream += png[at + 8 : at + 8 + length]
+        at += 12 + length
+    idats = b"".join(_png_chunk(b"IDAT", stream[i : i + 8192]) for i in range(0, len(stream), 8192))
+    start = png.index(b"IDAT") - 4
+    libpng_like = png[:start] + idats + _png_chunk(b"IEND", b"")
+    assert len(libpng_like) > 3_000_000 and len(idats) // 8204 > 350
+    pre = Preprocessor(DATA_CONFIG, max_pixels=40_000_000)
+    for data in (bmp, libpng_like):
+        assert pre(data).shape == (*DATA_CONFIG["input_size"][1:], 3)
 
 
 def test_pil_global_limit_untouched() -> None:
