@@ -1,10 +1,14 @@
 """Where images are decoded: ordinary ones in a thread pool, heavy ones in a lane of their own.
 
 An image's decode cost is known from its header (its size, after JPEG draft scaling) before any pixel
-is decoded. Ordinary images go to ``threads`` decode threads. An image over ``heavy_pixels`` goes to one
-thread running at the lowest CPU priority Linux has (``SCHED_IDLE``: it runs only on CPU time nobody
-else wants), with at most ``max_heavy`` such images decoding or waiting per front-end; past that, 503.
-So a client flooding 6000x6000 PNGs (0.65 s of CPU each) takes idle CPU, not other clients' cores.
+is decoded. The header itself is read in an ordinary decode thread too, never on the event loop: Pillow
+parses it in Python, one JPEG segment or PNG chunk at a time (crafted files took seconds before
+``ingest.preprocess`` capped Pillow's reads; up to ~50 ms for 8 MB still), and on the event loop that time
+would hold every connection of the front-end, health probes included. Ordinary images go to ``threads``
+decode threads. An image over ``heavy_pixels`` goes to one thread running at the lowest CPU priority Linux
+has (``SCHED_IDLE``: it runs only on CPU time nobody else wants), with at most ``max_heavy`` such images
+decoding or waiting per front-end; past that, 503. So a client flooding 6000x6000 PNGs (0.65 s of CPU
+each) takes idle CPU, not other clients' cores.
 """
 
 from __future__ import annotations
@@ -68,6 +72,26 @@ class DecodeLanes:
             return await _thread_done(self._heavy, fn, *args)
         finally:
             self.heavy_in_progress -= 1
+
+    async def open_and_run(
+        self, open_fn: Callable[[bytes], Image.Image], data: bytes, fn: Callable[[Image.Image], Any]
+    ) -> Any:
+        """``fn(open_fn(data))``: the header read (``open_fn``) in an ordinary decode thread, then ``fn``
+        in that same thread, or in the heavy lane for an image over ``heavy_pixels`` (503 when it is full).
+        Cancelled callers wait for their thread, as in ``run``."""
+        heavy, result = await _thread_done(self._normal, self._open_then, open_fn, data, fn)
+        if heavy:
+            return await self.run(result, fn, result)
+        return result
+
+    def _open_then(
+        self, open_fn: Callable[[bytes], Image.Image], data: bytes, fn: Callable[[Image.Image], Any]
+    ) -> tuple[bool, Any]:
+        img = open_fn(data)
+        width, height = img.size
+        if width * height > self.heavy_pixels:
+            return True, img
+        return False, fn(img)
 
     def shutdown(self) -> None:
         self._normal.shutdown(wait=True)

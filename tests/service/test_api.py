@@ -420,3 +420,29 @@ def test_a_jpeg_with_too_many_scans_is_a_422_and_the_service_still_answers(make_
     assert r.status_code == 422 and r.json()["error"]["code"] == "bad_image", r.text
     assert c.post("/classify", content=progressive, headers={"content-type": "image/jpeg"}).status_code == 200
     assert metric_value(c.get("/metrics").text, "tome_rejections_total", {"reason": "bad_image"}) == 1
+
+
+def test_image_headers_are_read_in_a_decode_thread_not_on_the_event_loop(make_client, monkeypatch) -> None:
+    """Reading a header is Pillow parsing the file's structure in Python (bounded by its read budget, yet
+    ~50 ms for a crafted 8 MB file, and EXIF besides): on the event loop it would hold every connection of
+    the front-end, health probes included, for as long."""
+    import threading
+
+    from service.ingest.preprocess import Preprocessor
+
+    opened_in = []
+    open_header = Preprocessor.open
+
+    def recording_open(self, data):
+        opened_in.append(threading.current_thread().name)
+        return open_header(self, data)
+
+    monkeypatch.setattr(Preprocessor, "open", recording_open)
+    c = make_client(limits={"heavy_image_pixels": 5_000, "max_files": 4})
+    files = [
+        ("file", (f"{i}.png", image_bytes("PNG", size=s), "image/png"))
+        for i, s in enumerate([(80, 60), (90, 70)])
+    ]
+    r = c.post("/classify", files=files)  # the second is a heavy image: opened in a decode thread too
+    assert r.status_code == 200 and all("top_k" in one for one in r.json()["results"]), r.text
+    assert len(opened_in) == 2 and all(name.startswith("decode_") for name in opened_in), opened_in

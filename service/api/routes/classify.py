@@ -16,6 +16,7 @@ from typing import Annotated, Any
 
 from fastapi import APIRouter, Query, Request
 from fastapi.responses import Response
+from PIL import Image
 
 from ...errors import ServiceError, unavailable
 from ...ingest.body import ImagePart, read_images
@@ -86,15 +87,20 @@ async def _decode(
     metrics = frontend.metrics
     assert frontend.decode is not None
 
+    heavy = frontend.settings.limits.heavy_image_pixels
+    short = model.preprocessor.resize_short
+
     async def one(part: ImagePart, slot: int) -> ServiceError | bool:
         start = time.perf_counter()
-        try:
-            img = model.preprocessor.open(part.data)  # header only: cheap, and says which lane
-            heavy = frontend.settings.limits.heavy_image_pixels
-            short = model.preprocessor.resize_short
+
+        def into_slot(img: Image.Image) -> bool:  # in a decode thread, once the header says which lane
             jpeg = model.device_jpeg and pass_through(img, part.data, model.slots[slot], heavy, short)
             if not jpeg:
-                await frontend.decode.run(img, model.preprocessor.into, img, model.slots[slot])
+                model.preprocessor.into(img, model.slots[slot])
+            return jpeg
+
+        try:
+            jpeg = await frontend.decode.open_and_run(model.preprocessor.open, part.data, into_slot)
         except ServiceError as e:
             return e
         except Exception:  # a bug or MemoryError: this image fails alone, its siblings keep their slots
