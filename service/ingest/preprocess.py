@@ -22,6 +22,9 @@ if TYPE_CHECKING:
     from ..settings import LimitsSettings
 
 ALLOWED_FORMATS = frozenset({"JPEG", "PNG", "WEBP", "BMP", "GIF"})
+# what Pillow's JPEG reader names its images: "MPO" for a JPEG with a Multi-Picture (MPF) segment (stereo
+# cameras, phones' HDR gain-map photos); its first picture is an ordinary JPEG, decoded like one
+JPEG_FORMATS = frozenset({"JPEG", "MPO"})
 MIN_READ_BUDGET = 10_000  # reads of an image's bytes Pillow may make, at least ...
 BYTES_PER_READ = 256  # ... or one per this many bytes of the image, whichever is more
 
@@ -157,7 +160,7 @@ class Preprocessor:
                 "too_large",
                 f"image is {width}x{height} = {width * height} pixels, over the limit of {self.max_pixels}",
             )
-        if img.format == "JPEG":
+        if img.format in JPEG_FORMATS:
             # each scan is another pass over every block; 0xFFDA cannot occur in entropy-coded data
             # (stuffed), so this over-counts at most
             scans = data.count(b"\xff\xda")
