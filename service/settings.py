@@ -220,7 +220,10 @@ class LimitsSettings(_Strict):
         10.0, gt=0, description="a request's headers must arrive within this (408 and closed otherwise)"
     )
     body_timeout_s: float = Field(
-        30.0, gt=0, description="a request's whole body must arrive within this once admitted (408 otherwise)"
+        30.0,
+        gt=0,
+        description="a request's whole body must arrive within this once admitted (408 otherwise); an answer "
+        "whose write stalls (the client reads nothing) this long has its connection aborted",
     )
     max_header_bytes: int = Field(16384, ge=1024, description="request line + headers; more is a 431")
 

@@ -7,7 +7,13 @@
 - **Header size**: request line plus headers beyond ``max_header_bytes``: 431, connection closed
   (httptools itself accepts a 1 MB header line).
 
-Both refusals happen before the app runs, so nothing is admitted or counted in flight; they are
+- **Write deadline**: an answer the client does not take (its window stays shut while the front-end
+  holds more than the transport's high-water mark of it) must resume within ``write_timeout_s``, else
+  the connection is aborted (``close`` would wait for the buffer to drain, which never happens). A
+  client that pipelines many requests and reads nothing otherwise held its connection, and the answer
+  in memory, for as long as it liked.
+
+The two refusals happen before the app runs, so nothing is admitted or counted in flight; they are
 counted in ``tome_rejections_total`` (``timeout``, ``too_large``) through ``on_refuse``. The service
 may answer before it has read a request's body (an early 503 or 400); uvicorn then keeps the connection
 and parses the rest of that body, so those bytes are not the next request's headers: the size guard
@@ -42,9 +48,13 @@ def _address(info: object) -> tuple[str, int] | None:
 
 
 def guarded_protocol(
-    header_timeout_s: float, max_header_bytes: int, on_refuse: Callable[[str], None]
+    header_timeout_s: float,
+    max_header_bytes: int,
+    on_refuse: Callable[[str], None],
+    write_timeout_s: float | None = None,
 ) -> type[HttpToolsProtocol]:
-    """A protocol class for ``uvicorn.Config(http=...)`` with these limits."""
+    """A protocol class for ``uvicorn.Config(http=...)`` with these limits (no write deadline when
+    ``write_timeout_s`` is None)."""
 
     class GuardedHttpToolsProtocol(HttpToolsProtocol):
         def __init__(self, *args: Any, **kwargs: Any) -> None:
@@ -55,6 +65,7 @@ def guarded_protocol(
             self._raw_bytes = 0
             self._oversized = False
             self._body_pending = False  # between the headers and the end of a request's body
+            self._write_timer: asyncio.TimerHandle | None = None
 
         def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
             # HttpToolsProtocol.connection_made, with the addresses read cheaply
@@ -68,7 +79,27 @@ def guarded_protocol(
 
         def connection_lost(self, exc: Exception | None) -> None:
             self._cancel_header_timer()
+            self._cancel_write_timer()
             super().connection_lost(exc)
+
+        def pause_writing(self) -> None:
+            super().pause_writing()
+            if write_timeout_s is not None and self._write_timer is None:
+                self._write_timer = self.loop.call_later(write_timeout_s, self._write_stalled)
+
+        def resume_writing(self) -> None:
+            self._cancel_write_timer()
+            super().resume_writing()
+
+        def _cancel_write_timer(self) -> None:
+            if self._write_timer is not None:
+                self._write_timer.cancel()
+                self._write_timer = None
+
+        def _write_stalled(self) -> None:
+            self._write_timer = None
+            on_refuse("timeout")
+            self.transport.abort()  # close() would wait for a buffer the client never takes
 
         def _expect_headers(self) -> None:
             self._awaiting_headers, self._header_bytes, self._raw_bytes, self._oversized = True, 0, 0, False

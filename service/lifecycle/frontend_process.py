@@ -104,7 +104,12 @@ def frontend_main(
     limits, metrics = settings.limits, app.state.frontend.metrics
     config = uvicorn.Config(
         app,
-        http=guarded_protocol(limits.header_timeout_s, limits.max_header_bytes, metrics.reject),
+        http=guarded_protocol(
+            limits.header_timeout_s,
+            limits.max_header_bytes,
+            metrics.reject,
+            write_timeout_s=limits.body_timeout_s,
+        ),
         log_level=log_level,
         log_config=None,  # uvicorn's loggers propagate to ours: one format, with the role
         access_log=False,

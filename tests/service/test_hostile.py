@@ -244,3 +244,31 @@ def test_an_image_fragmented_into_a_million_segments_is_refused_and_others_are_s
         assert max(waits) < 0.3, waits
         still_serving(url)
     assert "Traceback" not in log.read_text()
+
+
+def test_a_client_that_stops_reading_its_answers_is_cut_off(tmp_path: Path) -> None:
+    """A client pipelines 1,000 GET /openapi.json (13 KB each) and reads nothing: once the kernel's buffers
+    are full the front-end holds the rest of an answer in memory and waits to write it. uvicorn has no
+    write deadline, so such connections (~0.2 MB of front-end memory and a descriptor each) stayed for as
+    long as the client kept them open (45 s and counting, measured). Now a write stalled for
+    body_timeout_s (1.5 s here) aborts the connection."""
+    with serve(tmp_path) as (url, port, _, _):
+        s = socket.socket()
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)  # a small window: the server's writes stall
+        s.connect(("127.0.0.1", port))
+        s.sendall(b"GET /openapi.json HTTP/1.1\r\nHost: x\r\n\r\n" * 1000)
+        time.sleep(4)  # reading nothing
+        s.settimeout(3)
+        received, ended = 0, False
+        try:
+            while chunk := s.recv(1 << 20):
+                received += len(chunk)
+            ended = True
+        except ConnectionResetError:
+            ended = True
+        except TimeoutError:
+            pass  # still open, serving the rest of the 1,000 answers to a client that reads again
+        s.close()
+        assert received < 500 * 13_000, f"{received} bytes: it was served to the end"
+        assert ended, f"the connection was still open after {received} bytes"
+        still_serving(url)
