@@ -7,6 +7,7 @@ import asyncio
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
+from python_multipart.multipart import parse_options_header
 from starlette.datastructures import UploadFile
 from starlette.formparsers import MultiPartException, MultiPartParser
 from starlette.requests import ClientDisconnect, Request
@@ -84,13 +85,43 @@ async def _read_images(request: Request, max_bytes: int, max_files: int) -> list
     return [ImagePart(None, bytes(body))]
 
 
+class _ClosingWatch:
+    """Passes a multipart body through and notes whether its closing delimiter (``--boundary--``) went
+    by. The parser drops a part it has not seen end, so a body cut short (a wrong Content-Length, a
+    truncating proxy) would lose its last image without a word; an epilogue after the delimiter is fine."""
+
+    def __init__(self, stream: AsyncIterator[bytes], content_type: str) -> None:
+        self.stream = stream
+        boundary = parse_options_header(content_type)[1].get(b"boundary")
+        self.closing = b"--" + boundary + b"--" if boundary else None
+        self.closed = self.closing is None  # no boundary: the parser refuses the body itself
+        self._tail = b""
+
+    async def __aiter__(self) -> AsyncIterator[bytes]:
+        async for chunk in self.stream:
+            if not self.closed:
+                assert self.closing is not None
+                window = self._tail + chunk
+                self.closed = self.closing in window
+                self._tail = window[1 - len(self.closing) :]
+            yield chunk
+
+
 async def _read_multipart(request: Request, max_bytes: int, max_files: int) -> list[ImagePart]:
-    parser = MultiPartParser(request.headers, limited_stream(request, max_bytes), max_files=max_files)
+    body = _ClosingWatch(limited_stream(request, max_bytes), request.headers.get("content-type", ""))
+    parser = MultiPartParser(request.headers, aiter(body), max_files=max_files)
     try:
         form = await parser.parse()
     except MultiPartException as e:
         raise ServiceError(422, "bad_request", f"malformed multipart body: {e.message}") from e
     try:
+        if not body.closed:
+            raise ServiceError(
+                422,
+                "bad_request",
+                "malformed multipart body: it ends before its closing boundary (a Content-Length shorter "
+                "than the body?)",
+            )
         values = form.getlist(FILE_FIELD)
         if not values:
             raise ServiceError(422, "bad_request", f"multipart body has no '{FILE_FIELD}' part")

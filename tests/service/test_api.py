@@ -446,3 +446,32 @@ def test_image_headers_are_read_in_a_decode_thread_not_on_the_event_loop(make_cl
     r = c.post("/classify", files=files)  # the second is a heavy image: opened in a decode thread too
     assert r.status_code == 200 and all("top_k" in one for one in r.json()["results"]), r.text
     assert len(opened_in) == 2 and all(name.startswith("decode_") for name in opened_in), opened_in
+
+
+def test_a_multipart_body_cut_before_its_closing_boundary_is_a_422(client: TestClient) -> None:
+    """A multipart body that ends before its closing boundary (a wrong Content-Length, a truncating
+    proxy) loses its last part in the parser: two images sent, one answered as if only one had been
+    (a 200 in the one-image shape), or a single image read as 'no file part'."""
+
+    def part(name: str, data: bytes) -> bytes:
+        return (
+            b'--BB\r\nContent-Disposition: form-data; name="file"; filename="%s"\r\n'
+            b"Content-Type: image/png\r\n\r\n%s\r\n" % (name.encode(), data)
+        )
+
+    jpeg = image_bytes("JPEG")
+    bodies = {
+        "second part cut": part("a.png", PNG) + part("b.jpg", jpeg)[:200],
+        "no closing boundary": part("a.png", PNG) + part("b.jpg", jpeg),
+        "one part, no closing boundary": part("a.png", PNG),
+    }
+    headers = {"content-type": "multipart/form-data; boundary=BB"}
+    for name, body in bodies.items():
+        r = client.post("/classify", content=body, headers=headers)
+        assert r.status_code == 422, (name, r.text)
+        assert "ends before its closing boundary" in r.json()["error"]["message"], (name, r.text)
+    whole = part("a.png", PNG) + part("b.jpg", jpeg) + b"--BB--\r\n"
+    r = client.post("/classify", content=whole, headers=headers)
+    assert r.status_code == 200 and len(r.json()["results"]) == 2, r.text
+    epilogue = whole + b"an epilogue, which RFC 2046 allows and parsers ignore\r\n"
+    assert client.post("/classify", content=epilogue, headers=headers).status_code == 200
