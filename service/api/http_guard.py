@@ -22,6 +22,11 @@ still arriving just closes the connection (its answer has been sent). Pipelined 
 client send the next before the answer) are sized one by one, and one whose headers are already in is not
 timed again when the answer before it completes.
 
+When a connection ends, uvicorn marks only its newest request disconnected (``self.cycle``: with pipelining,
+one still queued), not the one whose answer is being written, which then writes to the closed transport
+(uvloop raises: an ERROR traceback for each pipelining client that leaves mid-answer). The protocol keeps
+the request it is running and marks that one too.
+
 It also reads a connection's addresses from the transport's ``sockname``/``peername``: uvicorn asks for
 the ``socket``, which uvloop builds anew for every connection (measured: 22% of a front-end's event
 loop with one connection per request).
@@ -35,7 +40,7 @@ from collections.abc import Callable
 from typing import Any
 
 from uvicorn.protocols.http.flow_control import FlowControl
-from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol, RequestResponseCycle
 from uvicorn.protocols.utils import is_ssl
 
 READ_CHUNK_MARGIN = 256 * 1024  # bytes fed in one read may run past the headers into the body
@@ -66,6 +71,7 @@ def guarded_protocol(
             self._oversized = False
             self._body_pending = False  # between the headers and the end of a request's body
             self._write_timer: asyncio.TimerHandle | None = None
+            self._running: RequestResponseCycle | None = None  # the request being answered
 
         def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
             # HttpToolsProtocol.connection_made, with the addresses read cheaply
@@ -80,7 +86,15 @@ def guarded_protocol(
         def connection_lost(self, exc: Exception | None) -> None:
             self._cancel_header_timer()
             self._cancel_write_timer()
+            running = self._running
+            if running is not None and not running.response_complete:
+                running.disconnected = True  # uvicorn marks only self.cycle, the newest request
+                running.message_event.set()
             super().connection_lost(exc)
+
+        def _start_asgi_task(self, cycle: RequestResponseCycle, app: Any) -> None:
+            self._running = cycle
+            super()._start_asgi_task(cycle, app)
 
         def pause_writing(self) -> None:
             super().pause_writing()

@@ -252,7 +252,7 @@ def test_a_client_that_stops_reading_its_answers_is_cut_off(tmp_path: Path) -> N
     write deadline, so such connections (~0.2 MB of front-end memory and a descriptor each) stayed for as
     long as the client kept them open (45 s and counting, measured). Now a write stalled for
     body_timeout_s (1.5 s here) aborts the connection."""
-    with serve(tmp_path) as (url, port, _, _):
+    with serve(tmp_path) as (url, port, _, log):
         s = socket.socket()
         s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)  # a small window: the server's writes stall
         s.connect(("127.0.0.1", port))
@@ -272,3 +272,25 @@ def test_a_client_that_stops_reading_its_answers_is_cut_off(tmp_path: Path) -> N
         assert received < 500 * 13_000, f"{received} bytes: it was served to the end"
         assert ended, f"the connection was still open after {received} bytes"
         still_serving(url)
+    assert "Traceback" not in log.read_text()
+
+
+def test_a_pipelining_client_that_leaves_mid_answer_leaves_no_traceback(tmp_path: Path) -> None:
+    """uvicorn marks only the newest pipelined request disconnected when a connection ends, not the one
+    whose answer is being written: that one then wrote to the closed transport (uvloop raises), an ERROR
+    'Exception in ASGI application' with a traceback for each such client (here 20)."""
+    with serve(tmp_path) as (url, port, _, log):
+        clients = []
+        for _ in range(20):
+            s = socket.socket()
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+            s.connect(("127.0.0.1", port))
+            s.sendall(b"GET /openapi.json HTTP/1.1\r\nHost: x\r\n\r\n" * 1000)
+            clients.append(s)
+        time.sleep(1)  # the kernel's buffers are full: each front-end waits to write an answer
+        for s in clients:
+            s.close()
+        time.sleep(0.5)
+        still_serving(url)
+    text = log.read_text()
+    assert "Traceback" not in text and "Exception in ASGI application" not in text, text[-3000:]
