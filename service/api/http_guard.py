@@ -22,6 +22,12 @@ still arriving just closes the connection (its answer has been sent). Pipelined 
 client send the next before the answer) are sized one by one, and one whose headers are already in is not
 timed again when the answer before it completes.
 
+A request with a body that asks to switch protocols (``Connection: Upgrade`` and ``Upgrade:``, e.g. the
+``Upgrade: h2c`` of ``curl --http2``) is a 400 saying so, connection closed: the parser hands everything
+after its headers to the new protocol, so its body never reached the app (a misleading 422 "empty body"),
+and ``Upgrade: websocket`` passed the connection to a WebSocket handshake that never answered nor timed
+out. The service switches to no protocol; an Upgrade on a request without a body is ignored as before.
+
 When a connection ends, uvicorn marks only its newest request disconnected (``self.cycle``: with pipelining,
 one still queued), not the one whose answer is being written, which then writes to the closed transport
 (uvloop raises: an ERROR traceback for each pipelining client that leaves mid-answer). The protocol keeps
@@ -52,6 +58,14 @@ def _address(info: object) -> tuple[str, int] | None:
     return None
 
 
+def _has_body(headers: list[tuple[bytes, bytes]]) -> bool:
+    """A request's headers (uvicorn lowercases the names) announce a body."""
+    return any(
+        name == b"transfer-encoding" or (name == b"content-length" and value.strip() != b"0")
+        for name, value in headers
+    )
+
+
 def guarded_protocol(
     header_timeout_s: float,
     max_header_bytes: int,
@@ -72,6 +86,7 @@ def guarded_protocol(
             self._body_pending = False  # between the headers and the end of a request's body
             self._write_timer: asyncio.TimerHandle | None = None
             self._running: RequestResponseCycle | None = None  # the request being answered
+            self._upgrade_with_body: bytes | None = None  # the Upgrade asked by a request with a body
 
         def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
             # HttpToolsProtocol.connection_made, with the addresses read cheaply
@@ -136,7 +151,9 @@ def guarded_protocol(
         def _refuse(self, status: int, code: str, message: str) -> None:
             on_refuse(code)
             body = json.dumps({"error": {"code": code, "message": message}}).encode()
-            reason = {408: b"Request Timeout", 431: b"Request Header Fields Too Large"}[status]
+            reason = {400: b"Bad Request", 408: b"Request Timeout", 431: b"Request Header Fields Too Large"}[
+                status
+            ]
             self.transport.write(
                 b"HTTP/1.1 %d %s\r\ncontent-type: application/json\r\ncontent-length: %d\r\n"
                 b"connection: close\r\n\r\n%s" % (status, reason, len(body), body)
@@ -152,9 +169,26 @@ def guarded_protocol(
             super().data_received(data)
             if self._oversized and not self.transport.is_closing():
                 self._refuse(431, "too_large", f"request headers are over {max_header_bytes} bytes")
+            if self._upgrade_with_body is not None and not self.transport.is_closing():
+                upgrade = self._upgrade_with_body.decode("latin-1")[:40]
+                self._refuse(
+                    400,
+                    "bad_request",
+                    f"a request with a body cannot ask to switch protocols (Upgrade: {upgrade}), and this "
+                    "service switches to none: send it without the Upgrade header (curl: --http1.1)",
+                )
+
+        def handle_websocket_upgrade(self) -> None:
+            if self._upgrade_with_body is None:
+                super().handle_websocket_upgrade()
+
+        def _unsupported_upgrade_warning(self) -> None:
+            if self._upgrade_with_body is None:
+                super()._unsupported_upgrade_warning()
 
         def on_message_begin(self) -> None:
             self._header_bytes, self._oversized = 0, False  # per request: pipelined ones share a read
+            self._upgrade_with_body = None
             super().on_message_begin()
 
         def on_url(self, url: bytes) -> None:
@@ -174,16 +208,19 @@ def guarded_protocol(
             self._cancel_header_timer()
             if self._oversized:
                 return  # data_received answers 431 once the parser returns
+            if self.parser.should_upgrade() and _has_body(self.headers):
+                self._upgrade_with_body = next((v for n, v in self.headers if n == b"upgrade"), b"")
+                return  # data_received answers 400 once the parser returns
             super().on_headers_complete()
 
         def on_body(self, body: bytes) -> None:
-            if self._oversized:
+            if self._oversized or self._upgrade_with_body is not None:
                 return
             super().on_body(body)
 
         def on_message_complete(self) -> None:
             self._body_pending = False
-            if self._oversized:
+            if self._oversized or self._upgrade_with_body is not None:
                 return
             super().on_message_complete()
 

@@ -16,7 +16,7 @@ from pathlib import Path
 import httpx
 from PIL import Image
 
-from tests.processes import read_response, serving
+from tests.processes import http_get, read_response, serving
 
 from .conftest import image_bytes, metric_value
 
@@ -294,3 +294,29 @@ def test_a_pipelining_client_that_leaves_mid_answer_leaves_no_traceback(tmp_path
         still_serving(url)
     text = log.read_text()
     assert "Traceback" not in text and "Exception in ASGI application" not in text, text[-3000:]
+
+
+UPGRADE = b"Connection: Upgrade, HTTP2-Settings\r\nUpgrade: %s\r\n"
+
+
+def test_a_request_with_a_body_that_asks_to_upgrade_gets_a_clear_400(tmp_path: Path) -> None:
+    """The HTTP parser treats whatever follows the headers of a request with ``Connection: Upgrade`` and
+    ``Upgrade:`` as the new protocol's bytes, not as its body. ``curl --http2`` on http:// sends such a POST
+    (Upgrade: h2c): it was a 422 'empty body: no image bytes were sent'; with Upgrade: websocket the
+    connection was handed to the WebSocket handshake and held with no answer and no deadline."""
+    with serve(tmp_path) as (url, port, _, log):
+        for upgrade in (b"h2c", b"websocket"):
+            extra = UPGRADE % upgrade + b"HTTP2-Settings: AAMAAABkAAQCAAAAAAIAAAAA\r\n"
+            extra += b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n"
+            s = raw(port, head(len(PNG), extra=extra), PNG)
+            answer = read_response(s, 5)
+            s.close()
+            assert answer.startswith("HTTP/1.1 400"), (upgrade, answer[:300])
+            assert "Upgrade" in answer and "connection: close" in answer.lower(), answer
+        status, _ = http_get(f"{url}/healthz")  # without a body an Upgrade is ignored, as before
+        s = raw(port, b"GET /healthz HTTP/1.1\r\nHost: x\r\n" + UPGRADE % b"h2c" + b"\r\n")
+        assert read_response(s, 5).startswith("HTTP/1.1 200") and status == 200
+        s.close()
+        assert metric_value(metrics(url), "tome_rejections_total", {"reason": "bad_request"}) == 2
+        still_serving(url)
+    assert "Traceback" not in log.read_text()
