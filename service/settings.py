@@ -257,6 +257,13 @@ class ServerSettings(_Strict):
         description="per front-end: images decoding, queued or running (its shared-memory slots); "
         "more get 503 before decoding",
     )
+    max_scrapes_per_s: float = Field(
+        20.0,
+        ge=0,
+        description="per front-end: /metrics answers per second (each reads every process's metric files, "
+        "~5 ms of its event loop, so a scrape flood would starve classify); more get 429 + Retry-After. "
+        "0 = no limit",
+    )
     probe_port: int | None = Field(
         None,
         ge=1,

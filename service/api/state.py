@@ -22,6 +22,7 @@ from ..ipc.rundir import RunDir
 from ..ipc.slots import SlotLayout, SlotRange, map_slots
 from ..observability.metrics import FrontendMetrics, multiprocess
 from ..settings import ServiceSettings
+from .rate_limit import TokenBucket
 from .request_ids import RequestIds
 
 log = logging.getLogger(__name__)
@@ -73,6 +74,8 @@ class Frontend:
         self.default_model = ""
         self.decode: DecodeLanes | None = None
         self.new_request_id = RequestIds()
+        rate = settings.server.max_scrapes_per_s
+        self.scrapes = TokenBucket(rate) if rate > 0 else None  # /metrics renders
         self.in_flight = 0
         self.draining = False
         self._idle = asyncio.Event()

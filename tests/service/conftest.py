@@ -40,6 +40,7 @@ def tiny_settings(**overrides: Any) -> ServiceSettings:
         "models": [TINY_MODEL],
         "batching": {"max_batch_size": 8, "max_wait_ms": 2, "max_queue_size": 64},
         "limits": {"max_body_bytes": 256 * 1024, "max_files": 4, "max_image_pixels": 1_000_000},
+        "server": {"max_scrapes_per_s": 0},  # tests read /metrics after nearly every request
     }
     values.update(overrides)
     return ServiceSettings(**values)

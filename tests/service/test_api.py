@@ -475,3 +475,19 @@ def test_a_multipart_body_cut_before_its_closing_boundary_is_a_422(client: TestC
     assert r.status_code == 200 and len(r.json()["results"]) == 2, r.text
     epilogue = whole + b"an epilogue, which RFC 2046 allows and parsers ignore\r\n"
     assert client.post("/classify", content=epilogue, headers=headers).status_code == 200
+
+
+def test_metrics_scrapes_beyond_the_rate_get_429_and_classify_is_unaffected(make_client) -> None:
+    """Each /metrics answer reads every process's metric files (~5 ms of the event loop): a flood of
+    scrapers starved classify (175 -> 4.5 req/s measured). Past server.max_scrapes_per_s a front-end
+    answers 429 + Retry-After, counted, and keeps classifying."""
+    c = make_client(server={"max_scrapes_per_s": 3})
+    codes = [c.get("/metrics").status_code for _ in range(6)]
+    assert codes[:3] == [200, 200, 200] and 429 in codes[3:], codes
+    refused = c.get("/metrics")
+    assert refused.status_code == 429 and refused.headers["retry-after"] == "1"
+    assert refused.json()["error"]["code"] == "rate_limited"
+    assert classify(c).status_code == 200
+    time.sleep(1.0)  # a second's worth back
+    text = c.get("/metrics").text
+    assert metric_value(text, "tome_rejections_total", {"reason": "rate_limited"}) >= 4

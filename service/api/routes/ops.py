@@ -6,6 +6,7 @@ from fastapi import APIRouter
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST
 
+from ...errors import RETRY_AFTER_S, ServiceError
 from ...observability.metrics import render
 from ..dependencies import FrontendDep
 
@@ -33,6 +34,18 @@ async def readyz(frontend: FrontendDep) -> JSONResponse:
     return JSONResponse({"status": "ready"})
 
 
-@router.get("/metrics", summary="Prometheus metrics of every process of the service")
+@router.get(
+    "/metrics",
+    summary="Prometheus metrics of every process of the service",
+    description="At most `server.max_scrapes_per_s` answers per second per front-end; more get 429.",
+)
 async def metrics(frontend: FrontendDep) -> Response:
+    if frontend.scrapes is not None and not frontend.scrapes.take():
+        raise ServiceError(
+            429,
+            "rate_limited",
+            f"/metrics answers at most {frontend.scrapes.rate:g} scrapes per second per process "
+            "(server.max_scrapes_per_s)",
+            headers={"Retry-After": RETRY_AFTER_S},
+        )
     return Response(render(frontend.registry, frontend.process_roles), media_type=CONTENT_TYPE_LATEST)
