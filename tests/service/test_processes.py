@@ -271,7 +271,8 @@ def test_auto_degrades_under_overload_where_a_fixed_tier_refuses(tmp_path: Path)
     )
     with serve(tmp_path, body) as (url, _):
         exact, fastest = _device_capacity(url, "exact"), _device_capacity(url, "fastest")
-        assert fastest > 3 * exact, (exact, fastest)  # the test needs a fast tier with room for 2x exact
+        # the test needs a fast tier with room for 2x exact (a fresh-clone CI read 2.95x once against 3x)
+        assert fastest > 2.5 * exact, (exact, fastest)
         half = _open_loop(url, "auto", exact * 0.5, 3.0, tmp_path)
         text = httpx.get(f"{url}/metrics").text
         assert set(half) == {"200"}, half
