@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import Response
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ..errors import ServiceError
 from ..observability.metrics import FrontendMetrics
@@ -80,6 +81,14 @@ async def validation_error(request: Request, exc: Exception) -> Response:
     return await service_error(request, ServiceError(422, "bad_request", details))
 
 
+async def http_error(request: Request, exc: Exception) -> Response:
+    """Starlette's own refusals (no such path, a method the path does not take): our shape, counted."""
+    assert isinstance(exc, StarletteHTTPException)
+    code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "bad_request")
+    error = ServiceError(exc.status_code, code, str(exc.detail), headers=dict(exc.headers or {}))
+    return await service_error(request, error)
+
+
 async def internal_error(request: Request, exc: Exception) -> Response:
     """Anything unexpected: the same JSON 500, counted like every answer (Starlette's
     ServerErrorMiddleware runs this, then re-raises so the server still logs the traceback)."""
@@ -89,4 +98,5 @@ async def internal_error(request: Request, exc: Exception) -> Response:
 def install(app: FastAPI) -> None:
     app.add_exception_handler(ServiceError, service_error)
     app.add_exception_handler(RequestValidationError, validation_error)
+    app.add_exception_handler(StarletteHTTPException, http_error)
     app.add_exception_handler(Exception, internal_error)

@@ -491,3 +491,23 @@ def test_metrics_scrapes_beyond_the_rate_get_429_and_classify_is_unaffected(make
     time.sleep(1.0)  # a second's worth back
     text = c.get("/metrics").text
     assert metric_value(text, "tome_rejections_total", {"reason": "rate_limited"}) >= 4
+
+
+def test_unknown_paths_and_methods_get_our_error_shape_and_are_counted(client) -> None:
+    """Starlette's own 404 and 405 render like every other refusal (``error.code``; Allow kept on 405)
+    and are counted as rejections, so a scanner probing paths shows on the dashboard."""
+    missing = client.get("/no-such-path")
+    assert missing.status_code == 404 and missing.json()["error"]["code"] == "not_found"
+    wrong = client.get("/classify")
+    assert wrong.status_code == 405 and wrong.json()["error"]["code"] == "method_not_allowed"
+    assert "POST" in wrong.headers["allow"]
+    text = client.get("/metrics").text
+    assert metric_value(text, "tome_rejections_total", {"reason": "not_found"}) >= 1
+    assert metric_value(text, "tome_rejections_total", {"reason": "method_not_allowed"}) >= 1
+
+
+def test_health_probes_answer_head(client) -> None:
+    """Uptime checkers and some load balancers probe with HEAD."""
+    for path in ("/healthz", "/readyz"):
+        r = client.head(path)
+        assert r.status_code == 200 and r.content == b"", (path, r.status_code)

@@ -13,15 +13,18 @@ from ..dependencies import FrontendDep
 router = APIRouter()
 
 
-@router.get("/healthz", summary="Liveness: 200 while this process and the engine run")
+@router.api_route(
+    "/healthz", methods=["GET", "HEAD"], summary="Liveness: 200 while this process and the engine run"
+)
 async def healthz(frontend: FrontendDep) -> JSONResponse:
     if not frontend.engine.connected:
         return JSONResponse({"status": "engine_down"}, status_code=503)
     return JSONResponse({"status": "ok"})
 
 
-@router.get(
+@router.api_route(
     "/readyz",
+    methods=["GET", "HEAD"],
     summary="Readiness: 200 once every model is loaded and warm; 503 while starting, draining or engine down",
 )
 async def readyz(frontend: FrontendDep) -> JSONResponse:
