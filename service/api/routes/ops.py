@@ -13,18 +13,17 @@ from ..dependencies import FrontendDep
 router = APIRouter()
 
 
-@router.api_route(
-    "/healthz", methods=["GET", "HEAD"], summary="Liveness: 200 while this process and the engine run"
-)
+@router.head("/healthz", include_in_schema=False)  # uptime checkers and some load balancers use HEAD
+@router.get("/healthz", summary="Liveness: 200 while this process and the engine run")
 async def healthz(frontend: FrontendDep) -> JSONResponse:
     if not frontend.engine.connected:
         return JSONResponse({"status": "engine_down"}, status_code=503)
     return JSONResponse({"status": "ok"})
 
 
-@router.api_route(
+@router.head("/readyz", include_in_schema=False)
+@router.get(
     "/readyz",
-    methods=["GET", "HEAD"],
     summary="Readiness: 200 once every model is loaded and warm; 503 while starting, draining or engine down",
 )
 async def readyz(frontend: FrontendDep) -> JSONResponse:
