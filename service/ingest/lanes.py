@@ -60,9 +60,11 @@ class DecodeLanes:
 
         A caller cancelled meanwhile gets its ``CancelledError`` only once the thread is done: a thread
         cannot be stopped, and it writes into memory the caller owns (a slot it would free at once)."""
-        width, height = img.size
-        if width * height <= self.heavy_pixels:
+        if not self._is_heavy(img):
             return await _thread_done(self._normal, fn, *args)
+        return await self._run_heavy(fn, *args)
+
+    async def _run_heavy(self, fn: Callable[..., Any], *args: Any) -> Any:
         if self.heavy_in_progress >= self.max_heavy:
             raise unavailable(
                 "overloaded", "too many large images are being decoded on this worker; retry later"
@@ -81,17 +83,20 @@ class DecodeLanes:
         Cancelled callers wait for their thread, as in ``run``."""
         heavy, result = await _thread_done(self._normal, self._open_then, open_fn, data, fn)
         if heavy:
-            return await self.run(result, fn, result)
+            return await self._run_heavy(fn, result)
         return result
 
     def _open_then(
         self, open_fn: Callable[[bytes], Image.Image], data: bytes, fn: Callable[[Image.Image], Any]
     ) -> tuple[bool, Any]:
         img = open_fn(data)
-        width, height = img.size
-        if width * height > self.heavy_pixels:
+        if self._is_heavy(img):
             return True, img
         return False, fn(img)
+
+    def _is_heavy(self, img: Image.Image) -> bool:
+        width, height = img.size
+        return width * height > self.heavy_pixels
 
     def shutdown(self) -> None:
         self._normal.shutdown(wait=True)
