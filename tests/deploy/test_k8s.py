@@ -12,7 +12,7 @@ from typing import Any
 import pytest
 import yaml
 
-from service.settings import load_settings
+from service.settings import ServiceSettings, load_settings
 
 from .conftest import REPO_ROOT
 
@@ -33,6 +33,17 @@ def container(docs: dict[str, dict[str, Any]]) -> dict[str, Any]:
     containers = docs["Deployment"]["spec"]["template"]["spec"]["containers"]
     assert len(containers) == 1
     return containers[0]
+
+
+@pytest.fixture
+def configmap_settings(
+    docs: dict[str, dict[str, Any]], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> ServiceSettings:
+    """The settings the ConfigMap's config.toml gives the service."""
+    monkeypatch.delenv("TOME_CONFIG_FILE", raising=False)
+    config = tmp_path / "config.toml"
+    config.write_text(docs["ConfigMap"]["data"]["config.toml"])
+    return load_settings(config)
 
 
 def test_every_part_is_there(docs: dict[str, dict[str, Any]]) -> None:
@@ -56,25 +67,14 @@ def test_probes_hit_the_service_endpoints(container: dict[str, Any]) -> None:
         assert container[probe]["httpGet"]["port"] == "probe"
 
 
-def test_the_probe_port_is_the_configured_one(
-    docs: dict[str, dict[str, Any]], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    monkeypatch.delenv("TOME_CONFIG_FILE", raising=False)
-    config = tmp_path / "config.toml"
-    config.write_text(docs["ConfigMap"]["data"]["config.toml"])
-    assert load_settings(config).server.probe_port == 8001
+def test_the_probe_port_is_the_configured_one(configmap_settings: ServiceSettings) -> None:
+    assert configmap_settings.server.probe_port == 8001
 
 
 def test_grace_period_covers_prestop_and_drain(
-    docs: dict[str, dict[str, Any]],
-    container: dict[str, Any],
-    tmp_path: Path,
-    monkeypatch: pytest.MonkeyPatch,
+    docs: dict[str, dict[str, Any]], container: dict[str, Any], configmap_settings: ServiceSettings
 ) -> None:
-    config = tmp_path / "config.toml"
-    config.write_text(docs["ConfigMap"]["data"]["config.toml"])
-    monkeypatch.delenv("TOME_CONFIG_FILE", raising=False)
-    drain = load_settings(config).limits.drain_timeout_s
+    drain = configmap_settings.limits.drain_timeout_s
     command = container["lifecycle"]["preStop"]["exec"]["command"]
     assert command[0] == "sleep"
     grace = docs["Deployment"]["spec"]["template"]["spec"]["terminationGracePeriodSeconds"]
@@ -101,18 +101,12 @@ def test_service_selects_the_pods(docs: dict[str, dict[str, Any]]) -> None:
 
 
 def test_scrape_annotations(
-    docs: dict[str, dict[str, Any]],
-    container: dict[str, Any],
-    tmp_path: Path,
-    monkeypatch: pytest.MonkeyPatch,
+    docs: dict[str, dict[str, Any]], container: dict[str, Any], configmap_settings: ServiceSettings
 ) -> None:
     """Prometheus scrapes the probe port (server.probe_port serves /metrics too, "for health probes and
     scrapes"): on the main port a flood of clients delays scrapes, and the autoscaler's metric with them."""
     annotations = docs["Deployment"]["spec"]["template"]["metadata"]["annotations"]
-    config = tmp_path / "config.toml"
-    config.write_text(docs["ConfigMap"]["data"]["config.toml"])
-    monkeypatch.delenv("TOME_CONFIG_FILE", raising=False)
-    probe_port = load_settings(config).server.probe_port
+    probe_port = configmap_settings.server.probe_port
     ports = {p["name"]: p["containerPort"] for p in container["ports"]}
     assert probe_port is not None and ports["probe"] == probe_port
     assert annotations == {

@@ -91,6 +91,18 @@ def nginx_in_front_of(ports: list[int], tmp_path: Path) -> Iterator[str]:
         yield url
 
 
+@contextmanager
+def nginx_with_replicas(tmp_path: Path, *fail_first: int) -> Iterator[tuple[str, list[Replica]]]:
+    """Replicas "a", "b", ... (each answering 503 to its first ``fail_first`` POSTs) behind nginx."""
+    replicas = [Replica(name, n) for name, n in zip("ab", fail_first, strict=True)]
+    try:
+        with nginx_in_front_of([r.port for r in replicas], tmp_path) as url:
+            yield url, replicas
+    finally:
+        for replica in replicas:
+            replica.close()
+
+
 def post_many(url: str, n: int) -> Counter[tuple[int, str]]:
     with httpx.Client(timeout=10) as client:
         return Counter(
@@ -102,13 +114,8 @@ def test_a_503_is_retried_without_taking_the_replica_out(tmp_path: Path) -> None
     """A queue_full 503 is the service's routine backpressure: nginx retries that request on the other
     replica, and keeps sending new work to both (with nginx's default max_fails=1 a retried 503 counts as
     a failure and the replica got no traffic for fail_timeout, 10 s: all of it went to the other one)."""
-    first, second = Replica("a", fail_first=1), Replica("b", fail_first=0)
-    try:
-        with nginx_in_front_of([first.port, second.port], tmp_path) as url:
-            answers = post_many(url, 10)
-    finally:
-        first.close()
-        second.close()
+    with nginx_with_replicas(tmp_path, 1, 0) as (url, (first, _)):
+        answers = post_many(url, 10)
     assert first.posts >= 2, f"no request reached the first replica after its 503: {answers}"
     assert set(answers) == {(200, "a"), (200, "b")}, answers
 
@@ -127,13 +134,8 @@ def test_a_replica_that_is_down_costs_no_request(tmp_path: Path) -> None:
 
 
 def test_every_replica_503_passes_the_503_through(tmp_path: Path) -> None:
-    first, second = Replica("a", fail_first=100), Replica("b", fail_first=100)
-    try:
-        with nginx_in_front_of([first.port, second.port], tmp_path) as url:
-            answers = post_many(url, 4)
-    finally:
-        first.close()
-        second.close()
+    with nginx_with_replicas(tmp_path, 100, 100) as (url, (first, second)):
+        answers = post_many(url, 4)
     assert set(answers) <= {(503, "a"), (503, "b")} and sum(answers.values()) == 4, answers
     assert first.posts + second.posts == 8, "each request tried on both replicas, once each"
 
@@ -141,13 +143,8 @@ def test_every_replica_503_passes_the_503_through(tmp_path: Path) -> None:
 def test_a_body_over_the_limit_is_a_json_413_from_nginx(tmp_path: Path) -> None:
     """nginx refuses a body over the service's 16 MiB limit itself: the client gets the service's error
     shape (code ``too_large``), not nginx's HTML page, and no replica sees the request."""
-    first, second = Replica("a", fail_first=0), Replica("b", fail_first=0)
-    try:
-        with nginx_in_front_of([first.port, second.port], tmp_path) as url:
-            r = httpx.post(url + "/classify", content=b"x" * (16 * 1024 * 1024 + 1), timeout=30)
-    finally:
-        first.close()
-        second.close()
+    with nginx_with_replicas(tmp_path, 0, 0) as (url, (first, second)):
+        r = httpx.post(url + "/classify", content=b"x" * (16 * 1024 * 1024 + 1), timeout=30)
     assert r.status_code == 413 and r.headers["content-type"].startswith("application/json"), r.text
     assert r.json()["error"]["code"] == "too_large"
     assert first.posts + second.posts == 0
