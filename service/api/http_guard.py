@@ -22,6 +22,11 @@ still arriving just closes the connection (its answer has been sent). Pipelined 
 client send the next before the answer) are sized one by one, and one whose headers are already in is not
 timed again when the answer before it completes.
 
+**Malformed requests**: a request httptools cannot parse is a JSON 400 in the service's error shape,
+counted as a ``bad_request`` rejection and logged at DEBUG. uvicorn answered it in plain text and logged a
+WARNING for each: one client could write thousands of log lines a second and no metric showed it. An
+``Upgrade:`` the service does not follow (it serves no WebSocket: ``ws="none"``) is ignored at DEBUG too.
+
 A request with a body that asks to switch protocols (``Connection: Upgrade`` and ``Upgrade:``, e.g. the
 ``Upgrade: h2c`` of ``curl --http2``) is a 400 saying so, connection closed: the parser hands everything
 after its headers to the new protocol, so its body never reached the app (a misleading 422 "empty body"),
@@ -42,12 +47,16 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 from collections.abc import Callable
 from typing import Any
 
+import httptools
 from uvicorn.protocols.http.flow_control import FlowControl
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol, RequestResponseCycle
 from uvicorn.protocols.utils import is_ssl
+
+log = logging.getLogger(__name__)
 
 READ_CHUNK_MARGIN = 256 * 1024  # bytes fed in one read may run past the headers into the body
 
@@ -166,7 +175,7 @@ def guarded_protocol(
                 if self._raw_bytes > max_header_bytes + READ_CHUNK_MARGIN:
                     self._refuse(431, "too_large", f"request headers are over {max_header_bytes} bytes")
                     return
-            super().data_received(data)
+            self._feed(data)
             if self._oversized and not self.transport.is_closing():
                 self._refuse(431, "too_large", f"request headers are over {max_header_bytes} bytes")
             if self._upgrade_with_body is not None and not self.transport.is_closing():
@@ -178,13 +187,23 @@ def guarded_protocol(
                     "service switches to none: send it without the Upgrade header (curl: --http1.1)",
                 )
 
+        def _feed(self, data: bytes) -> None:
+            """``HttpToolsProtocol.data_received``, a request the parser rejects answered by ``_refuse``."""
+            self._unset_keepalive_if_required()
+            try:
+                self.parser.feed_data(data)
+            except httptools.HttpParserError as e:
+                log.debug("malformed HTTP request from %s: %s", self.client, e)
+                self._refuse(400, "bad_request", f"malformed HTTP request: {e}")
+            except httptools.HttpParserUpgrade:
+                if self._should_upgrade():  # never with ws="none"; kept for a config that serves WebSockets
+                    self.handle_websocket_upgrade()
+                elif self._upgrade_with_body is None:
+                    log.debug("Upgrade ignored from %s", self.client)
+
         def handle_websocket_upgrade(self) -> None:
             if self._upgrade_with_body is None:
                 super().handle_websocket_upgrade()
-
-        def _unsupported_upgrade_warning(self) -> None:
-            if self._upgrade_with_body is None:
-                super()._unsupported_upgrade_warning()
 
         def on_message_begin(self) -> None:
             self._header_bytes, self._oversized = 0, False  # per request: pipelined ones share a read

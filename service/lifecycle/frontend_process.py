@@ -113,6 +113,7 @@ def frontend_main(
         log_level=log_level,
         log_config=None,  # uvicorn's loggers propagate to ours: one format, with the role
         access_log=False,
+        ws="none",  # no WebSocket routes: an Upgrade is served as plain HTTP (see http_guard)
         timeout_graceful_shutdown=settings.server.graceful_shutdown_s,
     )
     server = DrainingServer(config, app.state.frontend, settings.limits.drain_timeout_s)
