@@ -145,3 +145,28 @@ def test_auto_counts_no_decision_for_a_request_refused_while_draining(make_clien
         c.engine.draining = False
     assert [(r.code, r.request_id) for r in replies] == [("draining", 1)]  # type: ignore[attr-defined]
     assert metric_value(c.get("/metrics").text, "tome_auto_tier_total") == 0
+
+
+def test_auto_refuses_a_deadline_passed_before_it_reaches_the_engine_with_a_503(
+    make_client, monkeypatch
+) -> None:
+    """X-Deadline-Ms: 1 is spent reading and decoding the image: the engine refuses it at once (the floor
+    cannot make it), and the front-end relays that 503 instead of giving up on the deadline with a 504;
+    a request that named its tier still gets its 504."""
+    from service.api.routes import classify
+
+    def passed(*args: object, **kwargs: object) -> float:
+        return time.monotonic() - 0.001  # as if decoding took longer than the client's X-Deadline-Ms
+
+    monkeypatch.setattr(classify, "deadline", passed)
+    c = make_client()
+    r = c.post(
+        "/classify?tier=auto", content=PNG, headers={"content-type": "image/png", "X-Deadline-Ms": "1"}
+    )
+    assert r.status_code == 503 and r.json()["error"]["code"] == "overloaded" and r.headers["retry-after"]
+    text = c.get("/metrics").text
+    assert metric_value(text, "tome_auto_tier_total", {"tier": "none", "reason": "floor_too_slow"}) == 1
+    r = c.post(
+        "/classify?tier=exact", content=PNG, headers={"content-type": "image/png", "X-Deadline-Ms": "1"}
+    )
+    assert r.status_code == 504 and r.json()["error"]["code"] == "deadline"

@@ -118,18 +118,23 @@ async def _decode(
 
 
 async def _wait(
-    request: Request, frontend: Frontend, engine_id: int, answer: asyncio.Future, until: float
+    request: Request, frontend: Frontend, engine_id: int, answer: asyncio.Future, until: float, auto: bool
 ) -> Result:
-    """The engine's answer, unless the client leaves (499) or the deadline passes (504) first."""
+    """The engine's answer, unless the client leaves (499) or the deadline passes (504) first. tier=auto
+    refuses at once (503) a deadline it cannot meet, one already passed included: its answer is awaited
+    then, not given up on with a 504."""
 
     async def disconnected() -> None:
         while (await request.receive())["type"] != "http.disconnect":
             pass
 
+    left = until - time.monotonic()
     watcher = asyncio.ensure_future(disconnected())
     try:
         done, _ = await asyncio.wait(
-            [answer, watcher], timeout=max(0.0, until - time.monotonic()), return_when=asyncio.FIRST_COMPLETED
+            [answer, watcher],
+            timeout=None if auto and left <= 0 else max(0.0, left),
+            return_when=asyncio.FIRST_COMPLETED,
         )
     finally:
         watcher.cancel()
@@ -214,7 +219,7 @@ async def classify(
                 )
             except EngineGone as e:
                 raise unavailable("engine_down", "the inference engine is not running") from e
-            result = await _wait(request, frontend, engine_id, answer, until)
+            result = await _wait(request, frontend, engine_id, answer, until, auto=tier_info is None)
             outcome.tier = result.tier
             tier_info = tier_info or served.tiers[result.tier]
         answers = _per_image(errors, result)
