@@ -112,8 +112,9 @@ class AutoPolicy:
         best = fits.index(True)
         choice = best
         if best < self.current:  # a more faithful tier fits again: only with room to spare, after a while
-            roomy = finish_at[self.tiers[best]] - now <= self.upgrade_margin * self.target_share * budget
-            choice = best if roomy and now - self.changed_at >= self.hold_s else self.current
+            room = self.upgrade_margin * self.target_share * budget
+            roomy = [i for i in range(best, self.current) if finish_at[self.tiers[i]] - now <= room]
+            choice = roomy[0] if roomy and now - self.changed_at >= self.hold_s else self.current
             if not fits[choice]:
                 choice = best
         if choice != self.current:

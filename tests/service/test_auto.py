@@ -62,6 +62,20 @@ def test_auto_does_not_flap_back_to_a_faithful_tier_at_once() -> None:
     assert policy.choose({"exact": 14.5, "fastest": 13.2}, deadline=14.0, now=13.1).tier == "fastest"
 
 
+def test_auto_moves_back_to_a_roomy_tier_even_when_a_more_faithful_one_only_just_fits() -> None:
+    """Degraded to the floor: balanced fits again but only just, fast fits with room to spare and the
+    hold has passed, so auto moves back to fast (not kept at the floor for as long as balanced is tight)."""
+    policy = AutoPolicy(
+        ["exact", "balanced", "fast", "fastest"], upgrade_margin=0.5, hold_s=0, target_share=1.0
+    )
+    assert (
+        policy.choose({"exact": 12, "balanced": 12, "fast": 12, "fastest": 10.5}, 11.0, now=10.0).tier
+        == "fastest"
+    )
+    finish = {"exact": 22.0, "balanced": 20.9, "fast": 20.3, "fastest": 20.2}
+    assert policy.choose(finish, deadline=21.0, now=20.0).tier == "fast"
+
+
 def test_faithful_order_uses_calibration_when_every_tier_has_one() -> None:
     gflops = {"exact": 1.2, "balanced": 0.9, "odd": 0.5, "fastest": 0.6}
     assert faithful_order(gflops, {}) == ["exact", "balanced", "fastest", "odd"]
