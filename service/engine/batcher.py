@@ -263,7 +263,7 @@ class Batcher:
                     break
                 shadow = self._idle_shadow()
                 if shadow is not None:  # the device is idle: one small batch of fidelity checks
-                    self._launch(shadow.run_one_batch())
+                    self._launch(self._shadow_batch(shadow))
                     await self._pipeline.acquire()
                     continue
                 self._wakeup.clear()
@@ -292,6 +292,14 @@ class Batcher:
                 self._wakeup.set()
 
         self._in_flight.add(asyncio.get_running_loop().create_task(holding_a_slot()))
+
+    async def _shadow_batch(self, shadow: ShadowMonitor) -> None:
+        """A batch of fidelity checks, watched like any batch: a device hung in it hangs every queue."""
+        token = self.watchdog.begin(f"of fidelity checks on {shadow.model}")
+        try:
+            await shadow.run_one_batch()
+        finally:
+            self.watchdog.end(token)
 
     def _idle_shadow(self) -> ShadowMonitor | None:
         """A shadow queue with work, if nothing live is queued or running."""

@@ -325,6 +325,38 @@ def test_a_batch_that_hangs_ends_the_engine() -> None:
     asyncio.run(main())
 
 
+def test_a_fidelity_batch_that_hangs_ends_the_engine() -> None:
+    """A shadow batch runs on the device like any batch: hung there, it holds up every queue behind it, so
+    the watchdog ends the engine as for a hung live batch."""
+    import torch
+
+    from service.engine.shadow import ShadowMonitor
+
+    async def main() -> None:
+        gate = threading.Event()
+
+        async def run_exact(images: torch.Tensor) -> list[int]:
+            await asyncio.to_thread(gate.wait, 5)
+            return [0] * len(images)
+
+        b, done = make(max_batch=1, wait_ms=0, timeout_s=0.3), Results()
+        slots = torch.zeros((4, 2, 2, 3), dtype=torch.uint8)
+        shadow = ShadowMonitor("m", slots, run_exact, b.metrics, sample_rate=1.0, capacity=4, batch_size=2)
+        q = b.add_queue("m", "fast", Recorder("fast", []), shadow)
+        b.start()
+        b.submit(q, [0], FAR, done)  # served, sampled: the idle device then runs its fidelity check
+        await done.wait(1)
+        deadline = time.monotonic() + 5
+        while not b.fatal_reasons:
+            assert time.monotonic() < deadline, "the watchdog never fired"
+            await asyncio.sleep(0.05)
+        assert "fidelity checks" in b.fatal_reasons[0] and "batch_timeout_s" in b.fatal_reasons[0]
+        gate.set()
+        await b.close()
+
+    asyncio.run(main())
+
+
 def test_the_batcher_loop_dying_ends_the_engine() -> None:
     async def main() -> None:
         b = make()
