@@ -22,9 +22,9 @@ FrontendDep = Annotated[Frontend, Depends(get_frontend)]
 
 
 def deadline(request: Request, frontend: Frontend, objective_ms: float | None = None) -> float:
-    """Absolute ``time.monotonic()`` deadline: the configured budget (or ``objective_ms``, tier=auto's
-    latency objective, when smaller), shortened by ``X-Deadline-Ms``."""
-    budget_ms = min(frontend.settings.limits.deadline_ms, objective_ms or float("inf"))
+    """Absolute ``time.monotonic()`` deadline: the configured budget, shortened by ``X-Deadline-Ms``, else
+    by ``objective_ms`` (tier=auto's latency objective: auto's deadline when the request sends none)."""
+    budget_ms = frontend.settings.limits.deadline_ms
     sent = request.headers.get(DEADLINE_HEADER)
     if sent is not None:
         try:
@@ -36,6 +36,8 @@ def deadline(request: Request, frontend: Frontend, objective_ms: float | None = 
                 422, "bad_request", f"{DEADLINE_HEADER} must be a positive number of milliseconds"
             )
         budget_ms = min(budget_ms, asked)  # a client may shorten the deadline, never extend it
+    elif objective_ms is not None:
+        budget_ms = min(budget_ms, objective_ms)
     return time.monotonic() + budget_ms / 1000
 
 

@@ -184,3 +184,19 @@ def test_auto_refuses_a_deadline_passed_before_it_reaches_the_engine_with_a_503(
         "/classify?tier=exact", content=PNG, headers={"content-type": "image/png", "X-Deadline-Ms": "1"}
     )
     assert r.status_code == 504 and r.json()["error"]["code"] == "deadline"
+
+
+def test_auto_meets_the_clients_deadline_not_the_objective_when_it_sends_one(make_client) -> None:
+    """``auto.latency_objective_ms`` is auto's deadline only for a request without X-Deadline-Ms: one that
+    sends a longer one is served within it, not refused against the objective."""
+    from .conftest import TINY_MODEL
+
+    c = make_client(
+        models=[{**TINY_MODEL, "auto": {"latency_objective_ms": 100}}],
+        batching={"max_batch_size": 8, "max_wait_ms": 200, "max_queue_size": 64},  # >= 240 ms predicted
+    )
+    headers = {"content-type": "image/png"}
+    r = c.post("/classify?tier=auto", content=PNG, headers=headers)
+    assert r.status_code == 503 and r.json()["error"]["code"] == "overloaded"  # the objective: 100 ms
+    r = c.post("/classify?tier=auto", content=PNG, headers={**headers, "X-Deadline-Ms": "5000"})
+    assert r.status_code == 200 and r.json()["auto_reason"] == "fits", r.text
