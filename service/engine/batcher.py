@@ -23,7 +23,7 @@ from typing import Any
 
 from ..observability.metrics import EngineMetrics, QueueMetrics
 from .auto import BatchTimes
-from .faults import Fatal, FatalDeviceError, Watchdog
+from .faults import Fatal, FatalDeviceError, Watchdog, is_fatal
 from .shadow import ShadowMonitor
 
 log = logging.getLogger(__name__)
@@ -294,10 +294,15 @@ class Batcher:
         self._in_flight.add(asyncio.get_running_loop().create_task(holding_a_slot()))
 
     async def _shadow_batch(self, shadow: ShadowMonitor) -> None:
-        """A batch of fidelity checks, watched like any batch: a device hung in it hangs every queue."""
+        """A batch of fidelity checks, watched like any batch (a device hung in it hangs every queue), and
+        a sticky device error in it is as fatal."""
         token = self.watchdog.begin(f"of fidelity checks on {shadow.model}")
         try:
             await shadow.run_one_batch()
+        except Exception as e:
+            if is_fatal(e):  # the next live batch would fail on the same broken device
+                self.fatal(f"device error: {e}")
+            raise
         finally:
             self.watchdog.end(token)
 

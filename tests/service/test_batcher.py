@@ -357,6 +357,34 @@ def test_a_fidelity_batch_that_hangs_ends_the_engine() -> None:
     asyncio.run(main())
 
 
+def test_a_device_error_in_a_fidelity_batch_ends_the_engine() -> None:
+    """A sticky device error is as fatal in a shadow batch at r=0 as in a live one: the next live batch
+    would fail on the same broken device."""
+    import torch
+
+    from service.engine.shadow import ShadowMonitor
+
+    async def main() -> None:
+        async def run_exact(images: torch.Tensor) -> list[int]:
+            raise RuntimeError("CUDA error: an illegal memory access was encountered")
+
+        b, done = make(max_batch=1, wait_ms=0), Results()
+        slots = torch.zeros((4, 2, 2, 3), dtype=torch.uint8)
+        shadow = ShadowMonitor("m", slots, run_exact, b.metrics, sample_rate=1.0, capacity=4, batch_size=2)
+        q = b.add_queue("m", "fast", Recorder("fast", []), shadow)
+        b.start()
+        b.submit(q, [0], FAR, done)  # served, sampled: the idle device then runs its fidelity check
+        await done.wait(1)
+        deadline = time.monotonic() + 5
+        while not b.fatal_reasons:
+            assert time.monotonic() < deadline, "the device error did not end the engine"
+            await asyncio.sleep(0.05)
+        assert "illegal memory access" in b.fatal_reasons[0]
+        await b.close()
+
+    asyncio.run(main())
+
+
 def test_the_batcher_loop_dying_ends_the_engine() -> None:
     async def main() -> None:
         b = make()
