@@ -69,8 +69,8 @@ def refusal(
 async def service_error(request: Request, exc: Exception) -> Response:
     assert isinstance(exc, ServiceError)
     outcome: Outcome | None = getattr(request.state, "outcome", None)
-    request_id = outcome.request_id if outcome else request.headers.get(REQUEST_ID_HEADER)
-    return refusal(request.app.state.frontend.metrics, exc, outcome, request_id)
+    rid = outcome.request_id if outcome else request_id(request)  # the client's if sane, else generated
+    return refusal(request.app.state.frontend.metrics, exc, outcome, rid)
 
 
 async def validation_error(request: Request, exc: Exception) -> Response:

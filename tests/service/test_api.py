@@ -511,3 +511,17 @@ def test_health_probes_answer_head(client) -> None:
     for path in ("/healthz", "/readyz"):
         r = client.head(path)
         assert r.status_code == 200 and r.content == b"", (path, r.status_code)
+
+
+def test_every_error_carries_a_sane_request_id(client) -> None:
+    """Refusals outside /classify (404, 405, a /metrics 429, ...) carry a request id in the body and the
+    X-Request-ID header like classify's: the client's when it is sane, a generated one otherwise (an
+    unchecked one was echoed as sent, and none was generated)."""
+    for send in (lambda **kw: client.get("/no-such-path", **kw), lambda **kw: client.get("/classify", **kw)):
+        generated = send()
+        assert generated.json()["request_id"] == generated.headers["X-Request-ID"] != "", generated.text
+        echoed = send(headers={"X-Request-ID": "abc-123"})
+        assert echoed.json()["request_id"] == echoed.headers["X-Request-ID"] == "abc-123"
+        insane = send(headers={"X-Request-ID": "<script> " + "x" * 300})
+        assert insane.json()["request_id"] == insane.headers["X-Request-ID"], insane.text
+        assert "<" not in insane.json()["request_id"] and len(insane.json()["request_id"]) <= 128
