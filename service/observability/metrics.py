@@ -46,6 +46,9 @@ REJECTION_REASONS = (
     "overloaded",
     "engine_down",
     "timeout",
+    "rate_limited",
+    "not_found",
+    "method_not_allowed",
 )
 
 

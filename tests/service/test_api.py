@@ -525,3 +525,17 @@ def test_every_error_carries_a_sane_request_id(client) -> None:
         insane = send(headers={"X-Request-ID": "<script> " + "x" * 300})
         assert insane.json()["request_id"] == insane.headers["X-Request-ID"], insane.text
         assert "<" not in insane.json()["request_id"] and len(insane.json()["request_id"]) <= 128
+
+
+def test_every_rejection_reason_is_exported_at_zero_from_the_start() -> None:
+    """rate() and the dashboard's rejections panel need each reason's series before its first refusal:
+    Starlette's 404/405 and the /metrics 429 were exported only once they happened."""
+    from prometheus_client import CollectorRegistry, generate_latest
+
+    from service.observability.metrics import FrontendMetrics
+
+    registry = CollectorRegistry()
+    FrontendMetrics(registry)
+    text = generate_latest(registry).decode()
+    for reason in ("not_found", "method_not_allowed", "rate_limited", "bad_request", "queue_full", "timeout"):
+        assert f'tome_rejections_total{{reason="{reason}"}} 0.0' in text, reason
