@@ -539,3 +539,23 @@ def test_every_rejection_reason_is_exported_at_zero_from_the_start() -> None:
     text = generate_latest(registry).decode()
     for reason in ("not_found", "method_not_allowed", "rate_limited", "bad_request", "queue_full", "timeout"):
         assert f'tome_rejections_total{{reason="{reason}"}} 0.0' in text, reason
+
+
+@pytest.mark.parametrize(
+    ("fmt", "media_type"),
+    [
+        ("JPEG", "image/jpeg"),
+        ("PNG", "image/png"),
+        ("WEBP", "image/webp"),
+        ("BMP", "image/bmp"),
+        ("GIF", "image/gif"),
+        ("PNG", "application/octet-stream"),
+    ],
+)
+def test_openapi_lists_raw_body_types(client: TestClient, fmt: str, media_type: str) -> None:
+    """/docs offers (and schema-driven clients send) only the body types the schema lists: WebP, BMP, GIF
+    and octet-stream bodies were taken but not listed."""
+    r = client.post("/classify", content=image_bytes(fmt), headers={"content-type": media_type})
+    assert r.status_code == 200, r.text
+    content = client.get("/openapi.json").json()["paths"]["/classify"]["post"]["requestBody"]["content"]
+    assert content[media_type] == {"schema": {"type": "string", "format": "binary"}}

@@ -18,6 +18,9 @@ from tests.processes import serving
 REPO = Path(__file__).resolve().parents[2]
 DEMO_CONFIG = REPO / "service" / "configs" / "cpu-demo.toml"
 
+# A raw BMP body is sent like any binary one (schemathesis knows the other image types it takes).
+schemathesis.serializer.alias("image/bmp", "application/octet-stream")
+
 # The app's own OpenAPI document (building the app connects to nothing); cases go to a live server.
 schema = schemathesis.openapi.from_dict(
     create_app(load_settings(DEMO_CONFIG), RunDir(Path("/nonexistent"))).openapi()

@@ -49,8 +49,17 @@ CLASSIFY_OPENAPI: dict[str, Any] = {
                     "required": ["file"],
                 }
             },
-            "image/jpeg": {"schema": {"type": "string", "format": "binary"}},
-            "image/png": {"schema": {"type": "string", "format": "binary"}},
+            **{  # a raw body: any image/* or application/octet-stream type (ingest.body), the image sniffed
+                media_type: {"schema": {"type": "string", "format": "binary"}}
+                for media_type in (
+                    "image/jpeg",
+                    "image/png",
+                    "image/webp",
+                    "image/bmp",
+                    "image/gif",
+                    "application/octet-stream",
+                )
+            },
         },
     },
 }
