@@ -559,3 +559,18 @@ def test_openapi_lists_raw_body_types(client: TestClient, fmt: str, media_type: 
     assert r.status_code == 200, r.text
     content = client.get("/openapi.json").json()["paths"]["/classify"]["post"]["requestBody"]["content"]
     assert content[media_type] == {"schema": {"type": "string", "format": "binary"}}
+
+
+def test_openapi_documents_the_statuses_and_types_the_routes_answer_with(client: TestClient) -> None:
+    """/metrics is Prometheus text (the schema said JSON) and may be a 429; the probes' 503s; classify's
+    408 (a body slower than limits.body_timeout_s)."""
+    paths = client.get("/openapi.json").json()["paths"]
+    metrics = paths["/metrics"]["get"]["responses"]
+    assert list(metrics["200"]["content"]) == ["text/plain"]
+    assert client.get("/metrics").headers["content-type"].startswith("text/plain")
+    assert metrics["429"]["content"]["application/json"]["schema"] == {
+        "$ref": "#/components/schemas/ErrorResponse"
+    }
+    for probe in ("/healthz", "/readyz"):
+        assert "503" in paths[probe]["get"]["responses"], probe
+    assert "408" in paths["/classify"]["post"]["responses"]

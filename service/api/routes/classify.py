@@ -69,6 +69,7 @@ CLASSIFY_ERRORS: dict[int | str, dict[str, Any]] = {
     for status, text in {
         400: "unknown tier, or raw r not allowed",
         404: "unknown model",
+        408: "the body did not arrive within limits.body_timeout_s (connection closed)",
         413: "body over the size limit",
         415: "not an image / unsupported content type",
         422: "corrupt or empty image, too many pixels, bad parameter",

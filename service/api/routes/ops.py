@@ -3,18 +3,23 @@
 from __future__ import annotations
 
 from fastapi import APIRouter
-from fastapi.responses import JSONResponse, Response
+from fastapi.responses import JSONResponse, PlainTextResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST
 
 from ...errors import RETRY_AFTER_S, ServiceError
 from ...observability.metrics import render
 from ..dependencies import FrontendDep
+from ..schemas import ErrorResponse
 
 router = APIRouter()
 
 
 @router.head("/healthz", include_in_schema=False)  # uptime checkers and some load balancers use HEAD
-@router.get("/healthz", summary="Liveness: 200 while this process and the engine run")
+@router.get(
+    "/healthz",
+    summary="Liveness: 200 while this process and the engine run",
+    responses={503: {"description": 'the engine is gone: {"status": "engine_down"}'}},
+)
 async def healthz(frontend: FrontendDep) -> JSONResponse:
     if not frontend.engine.connected:
         return JSONResponse({"status": "engine_down"}, status_code=503)
@@ -25,6 +30,7 @@ async def healthz(frontend: FrontendDep) -> JSONResponse:
 @router.get(
     "/readyz",
     summary="Readiness: 200 once every model is loaded and warm; 503 while starting, draining or engine down",
+    responses={503: {"description": 'not ready: {"status": "starting" | "draining" | "engine_down"}'}},
 )
 async def readyz(frontend: FrontendDep) -> JSONResponse:
     if frontend.draining or frontend.engine.state.draining:
@@ -40,6 +46,15 @@ async def readyz(frontend: FrontendDep) -> JSONResponse:
     "/metrics",
     summary="Prometheus metrics of every process of the service",
     description="At most `server.max_scrapes_per_s` answers per second per front-end; more get 429.",
+    response_class=PlainTextResponse,
+    responses={
+        429: {  # JSON like every refusal ("model" would document it under the route's text/plain)
+            "description": "over server.max_scrapes_per_s (see Retry-After)",
+            "content": {
+                "application/json": {"schema": {"$ref": f"#/components/schemas/{ErrorResponse.__name__}"}}
+            },
+        }
+    },
 )
 async def metrics(frontend: FrontendDep) -> Response:
     if frontend.scrapes is not None and not frontend.scrapes.take():
