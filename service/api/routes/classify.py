@@ -29,6 +29,8 @@ from ..request_ids import REQUEST_ID_HEADER, request_id
 from ..schemas import ClassifyResponse, ErrorDetail, ErrorResponse, ImageResult, Prediction, Timings
 from ..state import Frontend, ServedModel
 
+AUTO_DECISION_GRACE_S = 0.25  # tier=auto waits at least this long for the engine's answer (maybe a 503)
+
 log = logging.getLogger(__name__)
 router = APIRouter()
 
@@ -131,8 +133,10 @@ async def _wait(
     request: Request, frontend: Frontend, engine_id: int, answer: asyncio.Future, until: float, auto: bool
 ) -> Result:
     """The engine's answer, unless the client leaves (499) or the deadline passes (504) first. tier=auto
-    refuses at once (503) a deadline it cannot meet, one already passed included: its answer is awaited
-    then, not given up on with a 504."""
+    refuses at once (503) a deadline it cannot meet, one that passed while the body was read and decoded
+    included: its answer is awaited at least ``AUTO_DECISION_GRACE_S``, past the deadline if need be, not
+    given up on with a 504 (the engine answers within that: a queued job whose deadline passes gets its
+    504 when its batch forms)."""
 
     async def disconnected() -> None:
         while (await request.receive())["type"] != "http.disconnect":
@@ -143,7 +147,7 @@ async def _wait(
     try:
         done, _ = await asyncio.wait(
             [answer, watcher],
-            timeout=None if auto and left <= 0 else max(0.0, left),
+            timeout=max(left, AUTO_DECISION_GRACE_S) if auto else max(0.0, left),
             return_when=asyncio.FIRST_COMPLETED,
         )
     finally:
