@@ -105,8 +105,9 @@ class AutoSpec(_Strict):
         gt=0,
         le=1,
         description="auto admits images to a tier's queue only while its live images (any request's) "
-        "stay within this share of batching.max_queue_size: the rest is kept for requests that name their "
-        "tier; an auto request with more images than the share is a 400",
+        "stay within this share of batching.max_queue_size, and holds at most this share of a front-end's "
+        "server.max_pending_images slots: the rest is kept for requests that name their tier; an auto "
+        "request with more images than either share is a 400",
     )
 
 

@@ -30,6 +30,13 @@ log = logging.getLogger(__name__)
 DEFAULT_TOP_K = 5
 
 
+def _auto_slots(entry: dict[str, Any], per_frontend: int) -> int:
+    """How many of a front-end's slots tier=auto requests may hold at once: the share of the engine's
+    queues auto may fill (``auto.max_queue_share``) applies to the front-end's slots too."""
+    auto = entry.get("auto")
+    return per_frontend if auto is None else max(1, int(auto["max_queue_share"] * per_frontend))
+
+
 @dataclass
 class ServedModel:
     """A front-end's view of one model the engine serves (from the engine's welcome)."""
@@ -96,7 +103,7 @@ class Frontend:
                 info=entry,
                 preprocessor=Preprocessor.for_limits(entry["data_config"], limits),
                 slots=map_slots(Path(slots["path"]), layout),
-                free=SlotRange(self.id * per_frontend, per_frontend),
+                free=SlotRange(self.id * per_frontend, per_frontend, _auto_slots(entry, per_frontend)),
                 device_jpeg=bool(entry.get("device_jpeg_decode", False)),
                 tiers={t["name"]: t for t in entry["tiers"]},
                 raw_tiers={t["r"]: t for t in entry.get("raw_tiers", [])},

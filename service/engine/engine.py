@@ -309,6 +309,7 @@ class Engine:
                     "allow_raw_r": m.spec.allow_raw_r,
                     "auto": {
                         "latency_objective_ms": m.spec.auto.latency_objective_ms,
+                        "max_queue_share": m.spec.auto.max_queue_share,
                         "tiers": self.auto[name].tiers,
                     }
                     if name in self.auto

@@ -46,27 +46,35 @@ def map_slots(path: Path, layout: SlotLayout) -> np.ndarray:
 class SlotRange:
     """A front-end's own slots ``[first, first + size)``: all-or-none acquisition, no waiting.
 
-    Used from one event-loop thread only.
+    Requests that may use only part of them (tier=auto, within ``auto.max_queue_share``) acquire with
+    ``limited=True``: at most ``limited_size`` such slots are held at once, so a flood of them cannot take
+    the slots that requests naming their tier need. Used from one event-loop thread only.
     """
 
-    def __init__(self, first: int, size: int) -> None:
+    def __init__(self, first: int, size: int, limited_size: int | None = None) -> None:
         self.first, self.size = first, size
+        self.limited_size = size if limited_size is None else limited_size
         self._free: deque[int] = deque(range(first, first + size))
+        self._limited: set[int] = set()
 
     @property
     def free(self) -> int:
         return len(self._free)
 
-    def acquire(self, n: int) -> list[int] | None:
+    def acquire(self, n: int, limited: bool = False) -> list[int] | None:
         """``n`` slots, or None when fewer are free (the caller refuses the request)."""
-        if n > len(self._free):
+        if n > len(self._free) or (limited and len(self._limited) + n > self.limited_size):
             return None
-        return [self._free.popleft() for _ in range(n)]
+        slots = [self._free.popleft() for _ in range(n)]
+        if limited:
+            self._limited.update(slots)
+        return slots
 
     def release(self, slots: list[int]) -> None:
         for slot in slots:
             if not self.first <= slot < self.first + self.size:
                 raise ValueError(f"slot {slot} is not in this range")
+        self._limited.difference_update(slots)
         self._free.extend(slots)
 
 

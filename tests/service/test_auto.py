@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
@@ -200,3 +201,25 @@ def test_auto_meets_the_clients_deadline_not_the_objective_when_it_sends_one(mak
     assert r.status_code == 503 and r.json()["error"]["code"] == "overloaded"  # the objective: 100 ms
     r = c.post("/classify?tier=auto", content=PNG, headers={**headers, "X-Deadline-Ms": "5000"})
     assert r.status_code == 200 and r.json()["auto_reason"] == "fits", r.text
+
+
+def test_an_auto_flood_leaves_a_front_ends_slots_to_requests_that_name_their_tier(make_client) -> None:
+    """auto.max_queue_share kept room in the engine's queues, but a front-end's slots were first come
+    first served: 4 queued auto requests took all 4 and a tier=exact request got 503 "too many images
+    decoding or queued on this worker" although the engine would have taken it."""
+    c = make_client(
+        batching={"max_batch_size": 8, "max_wait_ms": 1500, "max_queue_size": 16},
+        server={"max_scrapes_per_s": 0, "max_pending_images": 4},
+    )
+    png = {"content-type": "image/png", "X-Deadline-Ms": "10000"}  # time to wait for the batch
+    with ThreadPoolExecutor(4) as pool:  # they wait in their queue for max_wait_ms, holding their slots
+        autos = [pool.submit(c.post, "/classify?tier=auto", content=PNG, headers=png) for _ in range(4)]
+        time.sleep(0.5)
+        exact = c.post("/classify?tier=exact", content=PNG, headers=png)
+        statuses = sorted(f.result().status_code for f in autos)
+    assert exact.status_code == 200, exact.text
+    assert statuses == [200, 200, 503, 503]  # auto may hold half of the 4 slots (max_queue_share 0.5)
+    files = [("file", ("a.png", PNG, "image/png"))] * 3
+    r = c.post("/classify?tier=auto", files=files, headers={"X-Deadline-Ms": "10000"})
+    assert r.status_code == 400 and "at most 2 images" in r.json()["error"]["message"], r.text
+    assert c.post("/classify?tier=exact", files=files).status_code == 200

@@ -208,7 +208,15 @@ async def classify(
         until = deadline(request, frontend, objective)
         limits = frontend.settings.limits
         parts = await read_images(request, limits.max_body_bytes, limits.max_files, limits.body_timeout_s)
-        slots = served.free.acquire(len(parts))
+        auto = tier_info is None
+        if auto and len(parts) > served.free.limited_size:  # never admissible: not worth a retry
+            raise ServiceError(
+                400,
+                "bad_request",
+                f"tier=auto takes at most {served.free.limited_size} images per request here "
+                "(auto.max_queue_share x server.max_pending_images); send fewer, or name a tier",
+            )
+        slots = served.free.acquire(len(parts), limited=auto)
         if slots is None:
             raise unavailable("overloaded", "too many images decoding or queued on this worker; retry later")
         try:
@@ -233,7 +241,7 @@ async def classify(
                 )
             except EngineGone as e:
                 raise unavailable("engine_down", "the inference engine is not running") from e
-            result = await _wait(request, frontend, engine_id, answer, until, auto=tier_info is None)
+            result = await _wait(request, frontend, engine_id, answer, until, auto=auto)
             outcome.tier = result.tier
             tier_info = tier_info or served.tiers[result.tier]
         answers = _per_image(errors, result)
