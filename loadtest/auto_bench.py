@@ -73,7 +73,7 @@ def config(
         *([f"target_share = {target_share}"] if target_share is not None else []),
         "[server]",  # admission sized for the objective: 10 s of the floor's ~70 img/s may wait
         "max_requests = 512",
-        "max_pending_images = 512",
+        "max_pending_images = 1024",  # auto may hold half of them (auto.max_queue_share)
         "[batching]",
         "max_batch_size = 16",
         "max_queue_size = 2048",
