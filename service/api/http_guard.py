@@ -80,9 +80,10 @@ def guarded_protocol(
     max_header_bytes: int,
     on_refuse: Callable[[str], None],
     write_timeout_s: float | None = None,
+    new_request_id: Callable[[], str] | None = None,
 ) -> type[HttpToolsProtocol]:
     """A protocol class for ``uvicorn.Config(http=...)`` with these limits (no write deadline when
-    ``write_timeout_s`` is None)."""
+    ``write_timeout_s`` is None); its refusals carry a ``new_request_id()`` like the app's errors."""
 
     class GuardedHttpToolsProtocol(HttpToolsProtocol):
         def __init__(self, *args: Any, **kwargs: Any) -> None:
@@ -159,13 +160,18 @@ def guarded_protocol(
 
         def _refuse(self, status: int, code: str, message: str) -> None:
             on_refuse(code)
-            body = json.dumps({"error": {"code": code, "message": message}}).encode()
+            error: dict[str, Any] = {"error": {"code": code, "message": message}}
+            request_id = b""
+            if new_request_id is not None:
+                error["request_id"] = new_request_id()
+                request_id = b"x-request-id: %s\r\n" % error["request_id"].encode()
+            body = json.dumps(error).encode()
             reason = {400: b"Bad Request", 408: b"Request Timeout", 431: b"Request Header Fields Too Large"}[
                 status
             ]
             self.transport.write(
-                b"HTTP/1.1 %d %s\r\ncontent-type: application/json\r\ncontent-length: %d\r\n"
-                b"connection: close\r\n\r\n%s" % (status, reason, len(body), body)
+                b"HTTP/1.1 %d %s\r\ncontent-type: application/json\r\ncontent-length: %d\r\n%s"
+                b"connection: close\r\n\r\n%s" % (status, reason, len(body), request_id, body)
             )
             self.transport.close()
 

@@ -109,6 +109,7 @@ def frontend_main(
             limits.max_header_bytes,
             metrics.reject,
             write_timeout_s=limits.body_timeout_s,
+            new_request_id=app.state.frontend.new_request_id,
         ),
         log_level=log_level,
         log_config=None,  # uvicorn's loggers propagate to ours: one format, with the role

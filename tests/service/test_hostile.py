@@ -343,6 +343,7 @@ def test_malformed_requests_get_a_json_400_counted_and_no_log_line_each(tmp_path
             assert answer.startswith("HTTP/1.1 400"), answer[:300]
             assert "application/json" in answer and '"code": "bad_request"' in answer, answer
             assert "malformed HTTP request" in answer and "connection: close" in answer.lower(), answer
+            assert "x-request-id: " in answer and '"request_id": "' in answer, answer  # as the app's errors
         websocket = b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n"
         for upgrade in (b"h2c", b"websocket"):  # without a body: served as plain HTTP
             s = raw(port, b"GET /healthz HTTP/1.1\r\nHost: x\r\n" + UPGRADE % upgrade + websocket + b"\r\n")
