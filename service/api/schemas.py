@@ -104,8 +104,9 @@ class ClassifyResponse(BaseModel):
     auto_reason: str | None = Field(
         None,
         description="tier=auto only, why it chose this tier: fits (the most faithful tier meets the "
-        "deadline), deadline (a faster tier, to meet it), queue_share (auto's share of the more faithful "
-        "tiers' queues was full)",
+        "deadline), deadline (a faster tier, to meet it), hold (a more faithful tier fits again, but "
+        "without room to spare or before auto.hold_s: the choice does not flap), queue_share (auto's "
+        "share of the more faithful tiers' queues was full)",
     )
     top_k: list[Prediction] | None = Field(None, description="single-image requests")
     timings: Timings | None = None

@@ -120,7 +120,8 @@ class AutoPolicy:
         if choice != self.current:
             self.current, self.changed_at = choice, now
         tier = self.tiers[choice]
-        return AutoChoice(tier, "fits" if choice == 0 else "deadline", finish_at[tier] - now)
+        reason = "fits" if choice == 0 else "hold" if choice > best else "deadline"
+        return AutoChoice(tier, reason, finish_at[tier] - now)
 
 
 def faithful_order(tiers: dict[str, float], agreements: dict[str, float]) -> list[str]:

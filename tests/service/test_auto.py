@@ -53,12 +53,18 @@ def test_auto_takes_the_most_faithful_tier_that_fits() -> None:
 def test_auto_does_not_flap_back_to_a_faithful_tier_at_once() -> None:
     policy = AutoPolicy(["exact", "fastest"], upgrade_margin=0.5, hold_s=2.0, target_share=1.0)
     assert policy.choose({"exact": 12.0, "fastest": 10.5}, deadline=11.0, now=10.0).tier == "fastest"
-    # exact fits again, but only just (0.9 of the 1 s budget): stay degraded
-    assert policy.choose({"exact": 10.9, "fastest": 10.3}, deadline=11.0, now=10.0).tier == "fastest"
+    # exact fits again, but only just (0.9 of the 1 s budget): stay degraded, and say why
+    choice = policy.choose({"exact": 10.9, "fastest": 10.3}, deadline=11.0, now=10.0)
+    assert (choice.tier, choice.reason) == ("fastest", "hold")
     # roomy (0.3 of the budget) but the last change is under hold_s old: stay
-    assert policy.choose({"exact": 11.3, "fastest": 11.1}, deadline=12.0, now=11.0).tier == "fastest"
+    choice = policy.choose({"exact": 11.3, "fastest": 11.1}, deadline=12.0, now=11.0)
+    assert (choice.tier, choice.reason) == ("fastest", "hold")
     # roomy and held long enough: back to exact
-    assert policy.choose({"exact": 13.3, "fastest": 13.1}, deadline=14.0, now=13.0).tier == "exact"
+    choice = policy.choose({"exact": 13.3, "fastest": 13.1}, deadline=14.0, now=13.0)
+    assert (choice.tier, choice.reason) == ("exact", "fits")
+    # only the floor fits: it serves for the deadline, hysteresis or not
+    choice = policy.choose({"exact": 16.0, "fastest": 14.5}, deadline=15.0, now=14.0)
+    assert (choice.tier, choice.reason) == ("fastest", "deadline")
     # degrading is never delayed
     assert policy.choose({"exact": 14.5, "fastest": 13.2}, deadline=14.0, now=13.1).tier == "fastest"
 
