@@ -164,12 +164,23 @@ class TierDescription(BaseModel):
     calibrated_schedule: str | None = Field(None, description="the calibration's name for this schedule")
 
 
+class AutoDescription(BaseModel):
+    tiers: list[str] = Field(
+        description="what tier=auto may choose, most faithful first; the last is its floor"
+    )
+    latency_objective_ms: float = Field(description="auto's deadline when a request sends no X-Deadline-Ms")
+    max_queue_share: float = Field(
+        description="share of each tier's queue (and of a front-end's slots) auto may fill"
+    )
+
+
 class ModelTiers(BaseModel):
     calibration: CalibrationInfo | None = Field(None, description="null: uncalibrated (no file configured)")
     default_tier: str
     raw_r_allowed: bool
     raw_r_max: int
     tiers: list[TierDescription]
+    auto: AutoDescription | None = Field(None, description="tier=auto; null where the model has none")
 
 
 class ModelDescription(BaseModel):

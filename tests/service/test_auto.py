@@ -151,7 +151,11 @@ def test_auto_can_be_the_default_tier(make_client) -> None:
     c = make_client(models=[{**TINY_MODEL, "default_tier": "auto"}])
     r = c.post("/classify", content=PNG, headers={"content-type": "image/png"})
     assert r.status_code == 200 and r.json()["auto_reason"] in ("fits", "deadline")
-    assert c.get("/tiers").json()["tiny"]["default_tier"] == "auto"
+    tiers = c.get("/tiers").json()["tiny"]
+    assert tiers["default_tier"] == "auto"
+    auto = tiers["auto"]  # what auto may choose, down to its floor (the fastest tier by default)
+    assert set(auto["tiers"]) == {t["name"] for t in tiers["tiers"]} and auto["tiers"][0] == "exact"
+    assert auto["latency_objective_ms"] == 1000 and auto["max_queue_share"] == 0.5
 
 
 def test_auto_counts_no_decision_for_a_request_refused_while_draining(make_client) -> None:

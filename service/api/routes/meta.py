@@ -5,7 +5,7 @@ from __future__ import annotations
 from fastapi import APIRouter
 
 from ..dependencies import FrontendDep
-from ..schemas import ModelDescription, ModelTiers, TierDescription
+from ..schemas import AutoDescription, ModelDescription, ModelTiers, TierDescription
 
 router = APIRouter()
 
@@ -39,6 +39,7 @@ async def tiers(frontend: FrontendDep) -> dict[str, ModelTiers]:
                 )
                 for t in served.tiers.values()
             ],
+            auto=AutoDescription(**served.info["auto"]) if served.info["auto"] else None,
         )
     return out
 
