@@ -69,8 +69,12 @@ def resolve_tier(model: ServedModel, tier: str | None, r: int | None) -> tuple[s
     if name == AUTO and model.info.get("auto"):
         return AUTO, None
     if name not in model.tiers:
+        raw = f" (or a raw ?r= from 0 to {model.info['raw_r_max']})" if model.info["allow_raw_r"] else ""
         raise ServiceError(
-            400, "unknown_tier", f"unknown tier {name!r} for model {model.name!r}", valid=[*model.tiers, AUTO]
+            400,
+            "unknown_tier",
+            f"unknown tier {name!r} for model {model.name!r}{raw}",
+            valid=[*model.tiers, AUTO],
         )
     return name, model.tiers[name]
 

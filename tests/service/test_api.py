@@ -244,6 +244,8 @@ def test_raw_r_when_enabled(make_client) -> None:
     assert classify(c, params={"r": -1}).status_code == 422
     assert classify(c, params={"r": 2, "tier": "fast"}).status_code == 400
     assert c.get("/tiers").json()["tiny"]["raw_r_max"] == 8
+    unknown = classify(c, params={"tier": "r5"})  # tier names and raw r are apart; the error says both
+    assert unknown.status_code == 400 and "raw ?r= from 0 to 8" in unknown.json()["error"]["message"]
 
 
 def test_configured_tiers_override_defaults(make_client) -> None:
