@@ -38,6 +38,7 @@ from .engine.calibration import weights_identity
 from .engine.loading import LoadedModel, ModelLoadError, load_model, resolve_device
 from .engine.normalize import Normalize
 from .engine.tiers import build_tiers
+from .errors import ServiceError
 from .ingest.preprocess import Preprocessor
 from .settings import CONFIG_FILE_ENV, ModelSpec, ServiceSettings, load_settings
 
@@ -51,7 +52,11 @@ class ServingPreprocess:
         self.normalize = Normalize(config["mean"], config["std"], torch.device("cpu"), torch.float32)
 
     def __call__(self, data: bytes) -> torch.Tensor:
-        return self.normalize(torch.from_numpy(np.array(self.pixels(data)))[None])[0]
+        try:
+            pixels = self.pixels(data)
+        except ServiceError as e:  # what the service would answer this image with
+            raise ValueError(e.message) from e
+        return self.normalize(torch.from_numpy(np.array(pixels))[None])[0]
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:

@@ -156,7 +156,14 @@ class ImageSet:
     def load(self, preprocess: Preprocess, progress: bool = False) -> torch.Tensor:
         """All images preprocessed once: ``[N, 3, H, W]``."""
         items = tqdm(range(len(self)), desc="preprocess", unit="img", disable=not progress, leave=False)
-        return torch.stack([preprocess(self.read(i)) for i in items])
+        return torch.stack([self._preprocessed(preprocess, i) for i in items])
+
+    def _preprocessed(self, preprocess: Preprocess, index: int) -> torch.Tensor:
+        """One image preprocessed; an image that cannot be read or decoded: ValueError naming its file."""
+        try:
+            return preprocess(self.read(index))
+        except (OSError, ValueError, Image.DecompressionBombError) as e:
+            raise ValueError(f"cannot read image {self.root / self.files[index]}: {e}") from e
 
     def label_tensor(self) -> torch.Tensor | None:
         return None if self.labels is None else torch.tensor(self.labels, dtype=torch.long)

@@ -129,3 +129,17 @@ def test_synset_labels_are_refused_for_a_model_without_imagenet_1k_classes(tmp_p
     vit = timm.create_model("vit_tiny_patch16_224", img_size=32, depth=1, num_classes=21843)
     with pytest.raises(ValueError, match="ImageNet-1k class indices, but the model has 21843 classes"):
         calibrate(tome.patch(vit), ImageSet.from_folder(tmp_path), architecture="x", weights_sha256=None)
+
+
+def test_an_image_that_cannot_be_decoded_is_named(tmp_path: Path) -> None:
+    """timm's eval transform on a file that is no picture: one ValueError naming the file (it was PIL's
+    UnidentifiedImageError, naming a BytesIO)."""
+    import timm
+
+    from models.calibration import TimmEvalPreprocess
+
+    _jpeg(tmp_path / "cat.jpg")
+    (tmp_path / "dog.jpg").write_bytes(b"not a picture")
+    vit = timm.create_model("vit_tiny_patch16_224", img_size=32, depth=1)
+    with pytest.raises(ValueError, match=r"cannot read image .*dog\.jpg"):
+        ImageSet.from_folder(tmp_path).load(TimmEvalPreprocess(vit))

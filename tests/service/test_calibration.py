@@ -234,3 +234,20 @@ def test_a_reduced_dtype_study_on_cpu_is_recorded_and_refused_by_the_cpu_service
     assert Calibration.load(out).run.dtype == "bfloat16"
     with pytest.raises(ModelLoadError, match="dtype"):  # the CPU serves float32
         load_model(ModelSpec(**_spec(calibration=str(out))), torch.device("cpu"))
+
+
+def _cli_argv(photos: Path, out: Path) -> list[str]:
+    """``tome-serve calibrate`` on ``photos`` with the real ViT-Ti on the CPU, two schedules, one round."""
+    argv = ["--timm-name", VIT_TINY_ARCH, "--weights", str(require(VIT_TINY_WEIGHTS)), "--device", "cpu"]
+    argv += ["--images", str(photos), "--constant", "0,8", "--inflections=", "--no-search", "--rounds", "1"]
+    return [*argv, "--batch-size", "4", "--out", str(out), "--no-progress"]
+
+
+def test_an_unreadable_image_is_named_in_one_line(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """An image the serving preprocessing refuses stops the calibration with one line naming the file
+    (it was a ServiceError traceback that named no file)."""
+    photos = sample_folder(tmp_path / "photos", 4)
+    (photos / "n01440764_broken.JPEG").write_bytes(b"not a picture")
+    assert calibrate_main(_cli_argv(photos, tmp_path / "c.json")) == 2
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and "n01440764_broken.JPEG" in err and "not a supported image" in err, err
