@@ -118,26 +118,37 @@ class Calibration:
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> Calibration:
-        if data.get("schema") != SCHEMA or data.get("version") != SCHEMA_VERSION:
+        """Raises ValueError for another schema or version, or fields missing, unknown or malformed."""
+        header = data if isinstance(data, dict) else {}
+        if header.get("schema") != SCHEMA or header.get("version") != SCHEMA_VERSION:
             raise ValueError(
                 f"not a version-{SCHEMA_VERSION} {SCHEMA} file "
-                f"(schema={data.get('schema')!r}, version={data.get('version')!r})"
+                f"(schema={header.get('schema')!r}, version={header.get('version')!r})"
             )
-        model = dict(data["model"], input_size=tuple(data["model"]["input_size"]))
-        return cls(
-            model=ModelInfo(**model),
-            run=RunInfo(**data["run"]),
-            images=ImageInfo(**data["images"]),
-            schedules=tuple(_schedule_from_json(s) for s in data["schedules"]),
-            notes=dict(data.get("notes", {})),
-        )
+        try:
+            model = dict(data["model"], input_size=tuple(data["model"]["input_size"]))
+            return cls(
+                model=ModelInfo(**model),
+                run=RunInfo(**data["run"]),
+                images=ImageInfo(**data["images"]),
+                schedules=tuple(_schedule_from_json(s) for s in data["schedules"]),
+                notes=dict(data.get("notes", {})),
+            )
+        except (KeyError, TypeError, AttributeError) as e:
+            raise ValueError(
+                f"a {SCHEMA} file with missing, unknown or malformed fields ({type(e).__name__}: {e})"
+            ) from e
 
     def save(self, path: Path) -> None:
         Path(path).write_text(json.dumps(self.to_json(), indent=1) + "\n")
 
     @classmethod
     def load(cls, path: Path) -> Calibration:
-        return cls.from_json(json.loads(Path(path).read_text()))
+        """Raises ValueError naming ``path`` when it is not a readable calibration file."""
+        try:
+            return cls.from_json(json.loads(Path(path).read_text()))
+        except ValueError as e:  # JSONDecodeError included
+            raise ValueError(f"{path}: {e}") from e
 
 
 def _schedule_from_json(data: dict[str, Any]) -> ScheduleRecord:

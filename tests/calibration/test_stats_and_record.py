@@ -83,3 +83,22 @@ def test_a_candidate_list_of_r0_alone_is_refused_in_words() -> None:
         calibrate(
             vit, images, architecture="x", weights_sha256=None, candidates=[Candidate("r0", "constant", (0,))]
         )
+
+
+@pytest.mark.parametrize(
+    "change",
+    [
+        lambda d: [d],  # JSON, but not an object
+        lambda d: {k: v for k, v in d.items() if k != "run"},  # a field missing
+        lambda d: {**d, "model": {**d["model"], "added_later": 1}},  # a field this reader does not know
+        lambda d: {**d, "schedules": [{**d["schedules"][0], "speedup": 1.0}]},  # a field malformed
+    ],
+)
+def test_a_file_that_is_not_a_calibration_is_a_value_error_naming_it(tmp_path: Path, change) -> None:
+    """The service reports a ValueError in one line; these were KeyError / TypeError / AttributeError
+    tracebacks at start-up that named no file."""
+    data = make_calibration([record("r0", (0, 0), 1.0, 100)]).to_json()
+    path = tmp_path / "odd.json"
+    path.write_text(json.dumps(change(data)))
+    with pytest.raises(ValueError, match=r"odd\.json: (not a version|a tome-serve/calibration file with)"):
+        Calibration.load(path)
