@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -75,7 +76,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     images = parser.add_argument_group("the images")
     images.add_argument("--images", type=Path, required=True, help="folder of the traffic's images")
-    images.add_argument("--labels", type=Path, help="CSV of file,label (else ImageNet synset file names)")
+    labels = images.add_mutually_exclusive_group()
+    labels.add_argument("--labels", type=Path, help="CSV of file,label (else ImageNet synset file names)")
+    labels.add_argument(
+        "--no-labels",
+        action="store_true",
+        help="ignore synset file names (e.g. a head that is not ImageNet-1k's): agreement with r=0 only",
+    )
     how = parser.add_argument_group("what to measure")
     how.add_argument(
         "--batch-size", type=int, help="default: the config's batching.max_batch_size, at most 64"
@@ -128,6 +135,8 @@ def main(argv: list[str] | None = None) -> int:
         bare = spec.model_copy(update={"tiers": None, "calibration": None, "default_tier": "exact"})
         loaded = load_model(bare, resolve_device(settings.device))
         images = ImageSet.from_folder(args.images, args.labels)
+        if args.no_labels:
+            images = replace(images, labels=None, synset_labels=False)
     except (ValidationError, ModelLoadError, FileNotFoundError, ValueError) as e:
         print(f"tome-serve calibrate: {e}", file=sys.stderr)
         return 2

@@ -236,9 +236,12 @@ def test_a_reduced_dtype_study_on_cpu_is_recorded_and_refused_by_the_cpu_service
         load_model(ModelSpec(**_spec(calibration=str(out))), torch.device("cpu"))
 
 
-def _cli_argv(photos: Path, out: Path) -> list[str]:
-    """``tome-serve calibrate`` on ``photos`` with the real ViT-Ti on the CPU, two schedules, one round."""
-    argv = ["--timm-name", VIT_TINY_ARCH, "--weights", str(require(VIT_TINY_WEIGHTS)), "--device", "cpu"]
+def _cli_argv(
+    photos: Path, out: Path, timm_name: str = VIT_TINY_ARCH, weights: str | None = None
+) -> list[str]:
+    """``tome-serve calibrate`` on ``photos`` (default: the real ViT-Ti), CPU, two schedules, one round."""
+    weights = weights or str(require(VIT_TINY_WEIGHTS))
+    argv = ["--timm-name", timm_name, "--weights", weights, "--device", "cpu"]
     argv += ["--images", str(photos), "--constant", "0,8", "--inflections=", "--no-search", "--rounds", "1"]
     return [*argv, "--batch-size", "4", "--out", str(out), "--no-progress"]
 
@@ -251,3 +254,18 @@ def test_an_unreadable_image_is_named_in_one_line(tmp_path: Path, capsys: pytest
     assert calibrate_main(_cli_argv(photos, tmp_path / "c.json")) == 2
     err = capsys.readouterr().err.strip()
     assert "\n" not in err and "n01440764_broken.JPEG" in err and "not a supported image" in err, err
+
+
+def test_synset_names_can_be_ignored_for_a_head_that_is_not_imagenet_1k(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """An in21k head on synset-named photos: refused with "give a labels CSV ..., or calibrate without
+    labels", which ``--no-labels`` does (the command had no way to)."""
+    photos = sample_folder(tmp_path / "photos", 4)
+    argv = _cli_argv(photos, tmp_path / "c.json", "vit_tiny_patch16_224.augreg_in21k", "random")
+    assert calibrate_main(argv) == 2
+    assert "calibrate without labels" in capsys.readouterr().err
+    assert calibrate_main([*argv, "--no-labels"]) == 0
+    calibration = Calibration.load(tmp_path / "c.json")
+    assert not calibration.images.labels and calibration.model.num_classes == 21843
+    assert all(s.accuracy is None for s in calibration.schedules)
