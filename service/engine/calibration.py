@@ -5,7 +5,9 @@ input size and the rest of the eval transform (interpolation, crop, mean and std
 2026-11-24), the number of classes, depth and tokens, the ToMe patch options, the serving dtype and the
 device type; otherwise its figures describe another model. On a mismatch the service refuses to start
 with one line saying what differs, or (``on_calibration_mismatch = "ignore"``) starts without it,
-logged, every tier reported uncalibrated.
+logged, every tier reported uncalibrated. A file timed on another device of the same type (another GPU
+or CPU model) applies, with a warning: its agreements hold, its speedups (and ``min_speedup`` tiers)
+describe that device.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ import torch
 
 from models import tome
 from models.calibration import Calibration, preprocessing_of, weights_sha256
+from models.calibration.calibrate import device_name
 
 from ..settings import ModelSpec
 from .tiers import unprotected_tokens
@@ -86,6 +89,13 @@ def load_for(
     calibration = Calibration.load(path)
     problems = mismatches(calibration, spec, model, data_config, device, dtype)
     if not problems:
+        timed_on, served_on = calibration.run.device_name, device_name(device)
+        if timed_on != served_on:
+            log.warning(
+                "model %s: calibration %s was timed on %s, served on %s: its speedups (and tiers by "
+                "min_speedup) describe that device, not this one; recalibrate here to trust them",
+                spec.name, path, timed_on, served_on,
+            )  # fmt: skip
         return calibration, None
     reason = f"calibration {path} was made for another model: " + "; ".join(problems)
     if spec.on_calibration_mismatch == "refuse":

@@ -269,3 +269,23 @@ def test_synset_names_can_be_ignored_for_a_head_that_is_not_imagenet_1k(
     calibration = Calibration.load(tmp_path / "c.json")
     assert not calibration.images.labels and calibration.model.num_classes == 21843
     assert all(s.accuracy is None for s in calibration.schedules)
+
+
+def test_a_calibration_timed_on_another_device_model_is_used_with_a_warning(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Same device type, another GPU or CPU model: the agreements apply, the speedups (and min_speedup
+    tiers) were another machine's, and start-up says so (it said nothing)."""
+    photos = sample_folder(tmp_path / "photos", 4)
+    out = tmp_path / "c.json"
+    assert calibrate_main(_cli_argv(photos, out)) == 0
+    spec = ModelSpec(**_spec(calibration=str(out)))
+    with caplog.at_level("WARNING", logger="service.engine.calibration"):
+        assert load_model(spec, torch.device("cpu")).calibration is not None
+    assert "timed on" not in caplog.text  # made on this machine: no warning
+    data = json.loads(out.read_text())
+    data["run"]["device_name"] = "Some Other CPU"
+    out.write_text(json.dumps(data))
+    with caplog.at_level("WARNING", logger="service.engine.calibration"):
+        assert load_model(spec, torch.device("cpu")).calibration is not None
+    assert "was timed on Some Other CPU" in caplog.text and "speedups" in caplog.text
