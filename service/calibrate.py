@@ -60,6 +60,13 @@ class ServingPreprocess:
         return self.normalize(torch.from_numpy(np.array(pixels))[None])[0]
 
 
+def _positive(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="tome-serve calibrate", description=__doc__.splitlines()[0])
     source = parser.add_argument_group("the model (as served)")
@@ -85,13 +92,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     how = parser.add_argument_group("what to measure")
     how.add_argument(
-        "--batch-size", type=int, help="default: the config's batching.max_batch_size, at most 64"
+        "--batch-size", type=_positive, help="default: the config's batching.max_batch_size, at most 64"
     )
     how.add_argument("--constant", help="constant r values, e.g. 0,4,8,12,16 (default: 0 to 1.25 N/L by 2)")
     how.add_argument("--inflections", help="inflections of the paper's schedules, e.g. -1,-0.5,0.5")
     how.add_argument("--no-search", action="store_true", help="constant and inflected schedules only")
     how.add_argument("--seed", type=int, default=0, help="picks the images the search runs on")
-    how.add_argument("--rounds", type=int, default=5, help="timing rounds (the median is reported)")
+    how.add_argument("--rounds", type=_positive, default=5, help="timing rounds (the median is reported)")
     out = parser.add_argument_group("output")
     out.add_argument("--out", type=Path, default=Path("calibration.json"), help="calibration file to write")
     out.add_argument("--plot", type=Path, help="PNG to draw (default: --out with .png)")

@@ -289,3 +289,18 @@ def test_a_calibration_timed_on_another_device_model_is_used_with_a_warning(
     with caplog.at_level("WARNING", logger="service.engine.calibration"):
         assert load_model(spec, torch.device("cpu")).calibration is not None
     assert "was timed on Some Other CPU" in caplog.text and "speedups" in caplog.text
+
+
+@pytest.mark.parametrize(
+    ("option", "value"), [("--rounds", "0"), ("--batch-size", "-4"), ("--batch-size", "0")]
+)
+def test_counts_below_one_are_refused_by_name(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], option: str, value: str
+) -> None:
+    """They were "no median for empty data", "torch.cat(): expected a non-empty list of Tensors", or
+    (batch size 0) silently the config's batch size."""
+    argv = _cli_argv(sample_folder(tmp_path / "photos", 2), tmp_path / "c.json")
+    argv[argv.index(option) + 1] = value
+    with pytest.raises(SystemExit) as e:
+        calibrate_main(argv)
+    assert e.value.code == 2 and f"{option}: must be at least 1" in capsys.readouterr().err
