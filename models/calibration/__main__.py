@@ -17,7 +17,9 @@ from .report import format_table, plot
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+        prog="python -m models.calibration",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     sub = parser.add_subparsers(dest="command", required=True)
     r = sub.add_parser("report", help="table, default budget tiers and plot of a calibration file")
@@ -31,8 +33,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> None:
-    args = build_parser().parse_args(argv)
-    cal = Calibration.load(args.calibration)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        cal = Calibration.load(args.calibration)
+    except (OSError, ValueError) as e:  # no such file, or not a calibration: one line
+        parser.exit(2, f"{parser.prog}: {e}\n")
     if args.command == "report":
         use_interval = not args.point_estimate
         tiers = {tier: s.name for tier, s in resolve_tiers(cal, use_interval=use_interval).items()}

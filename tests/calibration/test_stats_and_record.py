@@ -102,3 +102,20 @@ def test_a_file_that_is_not_a_calibration_is_a_value_error_naming_it(tmp_path: P
     path.write_text(json.dumps(change(data)))
     with pytest.raises(ValueError, match=r"odd\.json: (not a version|a tome-serve/calibration file with)"):
         Calibration.load(path)
+
+
+@pytest.mark.parametrize("content", [None, "[]"])
+def test_the_report_command_refuses_a_missing_or_odd_file_in_one_line(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], content: str | None
+) -> None:
+    """``python -m models.calibration report`` on no file or a file that is no calibration: exit 2 and
+    one line (were FileNotFoundError / ValueError tracebacks)."""
+    from models.calibration.__main__ import main
+
+    path = tmp_path / "calibration.json"
+    if content is not None:
+        path.write_text(content)
+    with pytest.raises(SystemExit) as e:
+        main(["report", str(path)])
+    err = capsys.readouterr().err.strip()
+    assert e.value.code == 2 and "\n" not in err and "calibration.json" in err, err
