@@ -176,6 +176,7 @@ def main(argv: list[str] | None = None) -> int:
     print(format_table(calibration, tiers))
     print(f"tiers: {tiers or 'none resolved'}")
     picture = args.plot or args.out.with_suffix(".png")
+    picture.parent.mkdir(parents=True, exist_ok=True)
     plot(calibration, picture, tiers)
     print(f"wrote {args.out} and {picture}")
     print(f'serve with it: calibration = "{args.out}" on model {spec.name!r} (tiers then default to budgets)')

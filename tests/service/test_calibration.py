@@ -304,3 +304,11 @@ def test_counts_below_one_are_refused_by_name(
     with pytest.raises(SystemExit) as e:
         calibrate_main(argv)
     assert e.value.code == 2 and f"{option}: must be at least 1" in capsys.readouterr().err
+
+
+def test_the_plot_goes_into_a_new_folder_like_the_file(tmp_path: Path) -> None:
+    """``--plot`` in a folder that does not exist yet is made, as ``--out``'s is (it was a
+    FileNotFoundError traceback after the whole calibration)."""
+    argv = _cli_argv(sample_folder(tmp_path / "photos", 2), tmp_path / "new" / "c.json")
+    assert calibrate_main([*argv, "--plot", str(tmp_path / "plots" / "c.png")]) == 0
+    assert (tmp_path / "new" / "c.json").is_file() and (tmp_path / "plots" / "c.png").stat().st_size > 0
