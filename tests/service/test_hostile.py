@@ -169,7 +169,7 @@ def test_pipelined_requests_are_each_answered(tmp_path: Path) -> None:
 
 def test_sigterm_with_slow_uploaders_exits_within_the_drain_timeout(tmp_path: Path) -> None:
     slow_uploads = BASE.replace("body_timeout_s = 1.5\n", "body_timeout_s = 60\n")  # they would hold on
-    with serve(tmp_path, base=slow_uploads) as (url, port, proc, _):
+    with serve(tmp_path, base=slow_uploads) as (url, port, proc, log):
         uploaders = [raw(port, head(100_000), b"\x89PNG") for _ in range(6)]
         time.sleep(0.3)
         start = time.monotonic()
@@ -182,7 +182,13 @@ def test_sigterm_with_slow_uploaders_exits_within_the_drain_timeout(tmp_path: Pa
         for s in uploaders:
             s.close()
     assert code == 0
-    assert took < 2 + 1 + 5, f"exit took {took:.1f} s (drain 2 s + graceful 1 s + margin)"
+    # The front-ends stopped on their own once the drain (2 s) and graceful shutdown (1 s) ran out: had the
+    # uploaders held them, the supervisor would have killed them 5 s later and said so.
+    assert "did not stop in time" not in log.read_text()
+    # The whole exit also waits for the engine process's teardown (torch), not what is tested here: on a
+    # loaded 2-core VM it took 8 to 15 s after SIGTERM (measured), against 3.3 s for the front-ends. The
+    # bound only has to stay well under the 60 s the uploaders would have held on.
+    assert took < 30, f"exit took {took:.1f} s (drain 2 s + graceful 1 s + the engine's teardown)"
 
 
 def test_a_flood_of_huge_images_is_bounded_and_others_are_served(tmp_path: Path) -> None:
