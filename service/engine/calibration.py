@@ -69,6 +69,20 @@ def mismatches(
     return [f"{what} {made!r} (served: {now!r})" for what, (made, now) in served.items() if made != now]
 
 
+def warn_if_timed_at_another_batch_size(
+    name: str, calibration: Calibration | None, max_batch_size: int
+) -> None:
+    """Speedups change with the batch size (a GPU gains most from merging at large batches): a file timed
+    at another batch size than ``batching.max_batch_size`` applies, with a warning saying so."""
+    if calibration is not None and calibration.run.batch_size != max_batch_size:
+        timed = calibration.run.batch_size
+        log.warning(
+            "model %s: its calibration was timed at batch size %d, it is served at up to %d: its speedups "
+            "(and tiers by min_speedup) describe batch %d; recalibrate (tome-serve calibrate takes the "
+            "config's batch size) to trust them", name, timed, max_batch_size, timed,
+        )  # fmt: skip
+
+
 def load_for(
     spec: ModelSpec,
     model: tome.ToMeVisionTransformer,

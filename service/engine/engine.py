@@ -23,6 +23,7 @@ from ..observability.metrics import EngineMetrics
 from ..settings import ServiceSettings
 from .auto import AUTO, AutoPolicy, BatchTimes, DecayedMean, faithful_order
 from .batcher import Batcher, DeadlineExceeded, Draining, Job, JobResult, QueueFull, TierQueue
+from .calibration import warn_if_timed_at_another_batch_size
 from .device_decode import jpeg_decoder_for
 from .faults import Fatal
 from .labels import class_names
@@ -164,6 +165,7 @@ class Engine:
         slot_count = self.workers * self.settings.server.max_pending_images
         for index, spec in enumerate(self.settings.models):
             loaded = load_model(spec, device)
+            warn_if_timed_at_another_batch_size(spec.name, loaded.calibration, b.max_batch_size)
             _, h, w = loaded.input_size
             layout = SlotLayout(slot_count, h, w)
             check_space(self.rundir, layout, spec.name)

@@ -19,6 +19,7 @@ from models import tome
 from models.calibration import Calibration, imagenet_class_index
 from models.calibration.images import synset_of
 from service.calibrate import main as calibrate_main
+from service.engine.calibration import warn_if_timed_at_another_batch_size
 from service.engine.loading import ModelLoadError, load_model
 from service.engine.normalize import Normalize
 from service.ingest.preprocess import Preprocessor
@@ -313,3 +314,16 @@ def test_the_plot_goes_into_a_new_folder_like_the_file(tmp_path: Path) -> None:
     argv = _cli_argv(sample_folder(tmp_path / "photos", 2), tmp_path / "new" / "c.json")
     assert calibrate_main([*argv, "--plot", str(tmp_path / "plots" / "c.png")]) == 0
     assert (tmp_path / "new" / "c.json").is_file() and (tmp_path / "plots" / "c.png").stat().st_size > 0
+
+
+def test_a_calibration_timed_at_another_batch_size_is_used_with_a_warning(
+    calibrated: tuple[Path, Path], caplog: pytest.LogCaptureFixture
+) -> None:
+    """Speedups change with the batch size: a file timed at batch 8 served at up to 64 (a GPU's config
+    raised after calibrating) says so at start-up; at the batch it was timed at, nothing is said."""
+    calibration = Calibration.load(calibrated[0])
+    with caplog.at_level("WARNING", logger="service.engine.calibration"):
+        warn_if_timed_at_another_batch_size("vit-ti", calibration, 8)
+        assert "batch size" not in caplog.text
+        warn_if_timed_at_another_batch_size("vit-ti", calibration, 64)
+    assert "timed at batch size 8, it is served at up to 64" in caplog.text
