@@ -56,13 +56,15 @@ class BatchTimes:
 
     def batch(self, tier: str, images: int) -> float:
         """Predicted seconds of one batch of ``images`` at ``tier`` (its bucket's time, else the nearest
-        measured bucket scaled by size)."""
+        measured bucket scaled by size). A tier with no batch yet (a raw ``?r=`` queue: warm-up times only
+        the configured tiers) counts as the slowest measured one until its first batch, not as free."""
         bucket = bucket_for(min(images, self.buckets[-1]), self.buckets)
         times = self._seconds.get(tier, {})
         if bucket in times:
             return times[bucket]
         if not times:
-            return 0.0
+            measured = [t for t, seconds in self._seconds.items() if seconds]
+            return max((self.batch(t, images) for t in measured), default=0.0)
         nearest = min(times, key=lambda b: abs(b - bucket))
         return times[nearest] * bucket / nearest
 

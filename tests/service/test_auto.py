@@ -20,7 +20,8 @@ def test_batch_times_start_from_warm_up_and_follow_live_batches() -> None:
     assert times.batch("exact", 1) == 0.010
     assert times.batch("exact", 5) == 0.040  # bucket 8
     assert times.batch("exact", 2) == pytest.approx(0.020)  # nearest measured bucket (1), scaled by size
-    assert times.batch("unknown", 4) == 0.0
+    assert times.batch("r5", 4) == times.batch("exact", 4)  # no batch yet (a raw ?r=): the slowest known
+    assert BatchTimes([1, 2], {}).batch("r5", 2) == 0.0  # nothing measured at all
     times.observe("exact", 8, 0.080)
     assert times.batch("exact", 8) == pytest.approx((1 - EWMA_WEIGHT) * 0.040 + EWMA_WEIGHT * 0.080)
     assert times.drain("exact", 20) == pytest.approx(2 * times.batch("exact", 8) + times.batch("exact", 4))
