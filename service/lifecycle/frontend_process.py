@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import signal
 import socket
 import sys
@@ -74,7 +75,11 @@ class DrainingServer(uvicorn.Server):
         if sig == signal.SIGINT:
             return
         if not self.started:  # still connecting to the engine: nothing admitted, nothing to drain
-            raise SystemExit(0)
+            # Exit here and now: a SystemExit raised from this handler would fail the app's start-up, which
+            # uvicorn logs as an ERROR traceback (seen when a rolling restart stops a just-started pod).
+            log.info("stopped while starting")
+            sys.stderr.flush()
+            os._exit(0)
         if self._draining or self._loop is None:
             self.should_exit = True
             self.force_exit = self._draining
