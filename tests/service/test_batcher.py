@@ -6,7 +6,7 @@ from __future__ import annotations
 import asyncio
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import pytest
 from prometheus_client import CollectorRegistry
@@ -325,12 +325,31 @@ def test_a_batch_that_hangs_ends_the_engine() -> None:
     asyncio.run(main())
 
 
+async def _first_fatal_after_a_fidelity_check(b: Batcher, run_exact: Callable, never: str) -> str:
+    """Start ``b`` with a sampling fidelity monitor whose r=0 runs are ``run_exact``, serve one image (the
+    idle device then runs its fidelity check) and return the first reason the engine would end for."""
+    import torch
+
+    from service.engine.shadow import ShadowMonitor
+
+    done = Results()
+    slots = torch.zeros((4, 2, 2, 3), dtype=torch.uint8)
+    shadow = ShadowMonitor("m", slots, run_exact, b.metrics, sample_rate=1.0, capacity=4, batch_size=2)
+    q = b.add_queue("m", "fast", Recorder("fast", []), shadow)
+    b.start()
+    b.submit(q, [0], FAR, done)
+    await done.wait(1)
+    deadline = time.monotonic() + 5
+    while not b.fatal_reasons:
+        assert time.monotonic() < deadline, never
+        await asyncio.sleep(0.05)
+    return b.fatal_reasons[0]
+
+
 def test_a_fidelity_batch_that_hangs_ends_the_engine() -> None:
     """A shadow batch runs on the device like any batch: hung there, it holds up every queue behind it, so
     the watchdog ends the engine as for a hung live batch."""
     import torch
-
-    from service.engine.shadow import ShadowMonitor
 
     async def main() -> None:
         gate = threading.Event()
@@ -339,18 +358,9 @@ def test_a_fidelity_batch_that_hangs_ends_the_engine() -> None:
             await asyncio.to_thread(gate.wait, 5)
             return [0] * len(images)
 
-        b, done = make(max_batch=1, wait_ms=0, timeout_s=0.3), Results()
-        slots = torch.zeros((4, 2, 2, 3), dtype=torch.uint8)
-        shadow = ShadowMonitor("m", slots, run_exact, b.metrics, sample_rate=1.0, capacity=4, batch_size=2)
-        q = b.add_queue("m", "fast", Recorder("fast", []), shadow)
-        b.start()
-        b.submit(q, [0], FAR, done)  # served, sampled: the idle device then runs its fidelity check
-        await done.wait(1)
-        deadline = time.monotonic() + 5
-        while not b.fatal_reasons:
-            assert time.monotonic() < deadline, "the watchdog never fired"
-            await asyncio.sleep(0.05)
-        assert "fidelity checks" in b.fatal_reasons[0] and "batch_timeout_s" in b.fatal_reasons[0]
+        b = make(max_batch=1, wait_ms=0, timeout_s=0.3)
+        reason = await _first_fatal_after_a_fidelity_check(b, run_exact, "the watchdog never fired")
+        assert "fidelity checks" in reason and "batch_timeout_s" in reason
         gate.set()
         await b.close()
 
@@ -362,24 +372,15 @@ def test_a_device_error_in_a_fidelity_batch_ends_the_engine() -> None:
     would fail on the same broken device."""
     import torch
 
-    from service.engine.shadow import ShadowMonitor
-
     async def main() -> None:
         async def run_exact(images: torch.Tensor) -> list[int]:
             raise RuntimeError("CUDA error: an illegal memory access was encountered")
 
-        b, done = make(max_batch=1, wait_ms=0), Results()
-        slots = torch.zeros((4, 2, 2, 3), dtype=torch.uint8)
-        shadow = ShadowMonitor("m", slots, run_exact, b.metrics, sample_rate=1.0, capacity=4, batch_size=2)
-        q = b.add_queue("m", "fast", Recorder("fast", []), shadow)
-        b.start()
-        b.submit(q, [0], FAR, done)  # served, sampled: the idle device then runs its fidelity check
-        await done.wait(1)
-        deadline = time.monotonic() + 5
-        while not b.fatal_reasons:
-            assert time.monotonic() < deadline, "the device error did not end the engine"
-            await asyncio.sleep(0.05)
-        assert "illegal memory access" in b.fatal_reasons[0]
+        b = make(max_batch=1, wait_ms=0)
+        reason = await _first_fatal_after_a_fidelity_check(
+            b, run_exact, "the device error did not end the engine"
+        )
+        assert "illegal memory access" in reason
         await b.close()
 
     asyncio.run(main())
