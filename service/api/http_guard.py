@@ -82,8 +82,8 @@ def guarded_protocol(
     write_timeout_s: float | None = None,
     new_request_id: Callable[[], str] | None = None,
 ) -> type[HttpToolsProtocol]:
-    """A protocol class for ``uvicorn.Config(http=...)`` with these limits (no write deadline when
-    ``write_timeout_s`` is None); its refusals carry a ``new_request_id()`` like the app's errors."""
+    """A protocol class for ``uvicorn.Config(http=..., ws="none")`` with these limits (no write deadline
+    when ``write_timeout_s`` is None); its refusals carry a ``new_request_id()`` like the app's errors."""
 
     class GuardedHttpToolsProtocol(HttpToolsProtocol):
         def __init__(self, *args: Any, **kwargs: Any) -> None:
@@ -201,15 +201,9 @@ def guarded_protocol(
             except httptools.HttpParserError as e:
                 log.debug("malformed HTTP request from %s: %s", self.client, e)
                 self._refuse(400, "bad_request", f"malformed HTTP request: {e}")
-            except httptools.HttpParserUpgrade:
-                if self._should_upgrade():  # never with ws="none"; kept for a config that serves WebSockets
-                    self.handle_websocket_upgrade()
-                elif self._upgrade_with_body is None:
+            except httptools.HttpParserUpgrade:  # with ws="none" an Upgrade is never followed
+                if self._upgrade_with_body is None:
                     log.debug("Upgrade ignored from %s", self.client)
-
-        def handle_websocket_upgrade(self) -> None:
-            if self._upgrade_with_body is None:
-                super().handle_websocket_upgrade()
 
         def on_message_begin(self) -> None:
             self._header_bytes, self._oversized = 0, False  # per request: pipelined ones share a read
