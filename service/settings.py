@@ -171,6 +171,14 @@ class BatchingSettings(_Strict):
         le=4,
         description="CUDA only: batches in flight on the device (the next is staged while one runs)",
     )
+    cpu_parallel_batches: int = Field(
+        2,
+        ge=1,
+        le=64,
+        description="CPU only: batches run at once, each on an equal share of torch's threads (at most one "
+        "batch per thread); one batch whose threads wait for each other at every op loses more to a "
+        "preempted thread than several smaller-threaded batches do",
+    )
     batch_timeout_s: float = Field(
         120.0,
         gt=0,

@@ -3,7 +3,8 @@
 Everything here runs on the engine's event-loop thread, so queue state needs no locks. Among the queues
 whose batch is closed (full, or its head waited ``max_wait``), the one whose head has waited longest goes
 next, so no tier starves. Up to ``pipeline_depth`` batches are in flight: on CUDA the next batch is
-staged and launched while the previous one runs.
+staged and launched while the previous one runs (they run one after another on the device); on a CPU
+with ``lanes`` > 1, that many batches run side by side, one per lane.
 
 A queue's bound counts *live* images only: an image whose request was cancelled (client gone, deadline
 passed) stops counting at once, and is skipped when it reaches the head.
@@ -105,8 +106,10 @@ class Batcher:
         metrics: EngineMetrics,
         fatal: Fatal,
         batch_timeout_s: float = 120.0,
+        lanes: int = 1,
     ) -> None:
         self.fatal = fatal
+        self.lanes = lanes  # batches the device runs side by side (CPU lanes); 1: one after another
         self.watchdog = Watchdog(batch_timeout_s, fatal)
         self.max_batch_size = max_batch_size
         self.max_wait_s = max_wait_s
@@ -185,20 +188,43 @@ class Batcher:
         self._set_depth(queue)
         return len(waiting)
 
-    def backlog_s(self, now: float, leave_out: TierQueue | None = None) -> float:
-        """Predicted seconds until the device has run every running batch and every live queued image
-        (but ``leave_out``'s, which the caller counts itself)."""
+    def backlog_s(self, now: float) -> float:
+        """Predicted seconds until the device has run every running batch and every live queued image."""
+        return self._work_s(now) / self.lanes
+
+    def finish_s(self, queue: TierQueue, images: int, now: float) -> float:
+        """Predicted seconds until ``images`` more added to ``queue`` would have run: every batch ahead of
+        them and the queue's own, shared among the lanes, with their own (last) batch whole on one lane.
+        However free lanes take the batches, the last one ends within (work - last) / lanes + last (list
+        scheduling's bound); with one lane that is all the work, one batch after another."""
+        times = self.batch_times.get(queue.model)
+        if times is None:
+            return 0.0
+        total = queue.live + images
+        last = times.batch(queue.tier, total % self.max_batch_size or min(total, self.max_batch_size))
+        work = self._work_s(now, leave_out=queue) + times.drain(queue.tier, total)
+        return (work - last) / self.lanes + last
+
+    def _work_s(self, now: float, leave_out: TierQueue | None = None) -> float:
+        """Device seconds of work ahead: every live queued image (but ``leave_out``'s) at its tier's
+        measured batch times, and what is left of the batches running."""
         total = 0.0
         for queue in self.queues:
             times = self.batch_times.get(queue.model)
             if times is not None and queue.live and queue is not leave_out:
                 total += times.drain(queue.tier, queue.live)
-        return total + self._busy_s(now)
+        if self.lanes == 1:
+            return total + self._busy_s(now)
+        for started, model, tier, images in self._running.values():  # side by side: each its own left
+            times = self.batch_times.get(model)
+            if times is not None:
+                total += max(0.0, started + times.batch(tier, images) - now)
+        return total
 
     def _busy_s(self, now: float) -> float:
-        """Predicted seconds until the device has run the batches in flight. They run one after another:
-        with ``pipeline_depth`` > 1 a batch launched behind another waits for it on the device, so
-        crediting each with the time since its launch would count the overlap twice."""
+        """Predicted seconds until a one-lane device has run the batches in flight. They run one after
+        another: with ``pipeline_depth`` > 1 a batch launched behind another waits for it on the device,
+        so crediting each with the time since its launch would count the overlap twice."""
         end = -math.inf
         for started, model, tier, images in sorted(self._running.values()):
             times = self.batch_times.get(model)
@@ -238,7 +264,8 @@ class Batcher:
         overload a FIFO queue otherwise spends the device on answers nobody waits for any more."""
         times = self.batch_times.get(queue.model)
         runs_s = times.batch(queue.tier, min(queue.live, self.max_batch_size)) if times is not None else 0.0
-        ends_at = now + self._busy_s(now) + runs_s  # behind the batches in flight, if any
+        # one lane: behind the batches in flight, if any; several: this batch has a lane of its own
+        ends_at = now + (self._busy_s(now) if self.lanes == 1 else 0.0) + runs_s
         jobs: list[Job] = []
         while queue.jobs and len(jobs) < self.max_batch_size:
             job = queue.jobs.popleft()

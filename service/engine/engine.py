@@ -160,7 +160,7 @@ class Engine:
     def load(self) -> None:
         """Load every model and create its shared slots (blocking; raises ``ModelLoadError``)."""
         device = resolve_device(self.settings.device)
-        self.threads = DeviceThreads(device)
+        self.threads = DeviceThreads(device, self.settings.batching.cpu_parallel_batches)
         limits, b = self.settings.limits, self.settings.batching
         slot_count = self.workers * self.settings.server.max_pending_images
         for index, spec in enumerate(self.settings.models):
@@ -198,16 +198,22 @@ class Engine:
     async def start(self) -> None:
         """Build the batcher and queues, warm up every tier and bucket (on the device thread), then serve."""
         b = self.settings.batching
-        depth = b.pipeline_depth if self.threads is not None and self.threads.device.type == "cuda" else 1
+        assert self.threads is not None
+        cuda = self.threads.device.type == "cuda"
         self.batcher = Batcher(
             b.max_batch_size,
             b.max_wait_ms / 1000,
             b.max_queue_size,
-            depth,
+            b.pipeline_depth if cuda else self.threads.lanes,
             self.metrics,
             self.fatal,
             b.batch_timeout_s,
+            lanes=self.threads.lanes,
         )
+        self.metrics.parallel_batches.set(self.threads.lanes)
+        if not cuda:
+            lanes, per_lane = self.threads.lanes, self.threads.threads_per_lane
+            log.info("CPU: %d batch(es) at once, %d thread(s) each", lanes, per_lane)
         fidelity = self.settings.fidelity
         for name, loaded in self.models.items():
             runner = self.runners[name]
@@ -404,7 +410,7 @@ class Engine:
     def _choose_auto(self, model: str, deadline: float, images: int) -> tuple[str, str] | Reject:
         """tier=auto: the most faithful tier predicted to answer by ``deadline`` (engine/auto.py)."""
         assert self.batcher is not None
-        policy, times, spec = self.auto[model], self.batcher.batch_times[model], self.models[model].spec.auto
+        policy, spec = self.auto[model], self.models[model].spec.auto
         cap = spec.max_queue_share * self.batcher.max_queue_size
         if images > cap:  # would never fit, even in empty queues: not worth a retry
             return Reject(
@@ -417,9 +423,9 @@ class Engine:
 
         def finish_at(tier: str) -> float:
             # everything else queued or running first, then this tier's queue with the request at its end
-            queue = self.queues[(model, tier)]
-            ahead = self.batcher.backlog_s(now, leave_out=queue)  # type: ignore[union-attr]
-            wait = ahead + self.batcher.max_wait_s + times.drain(tier, queue.live + images)  # type: ignore[union-attr]
+            batcher = self.batcher
+            assert batcher is not None
+            wait = batcher.max_wait_s + batcher.finish_s(self.queues[(model, tier)], images, now)
             return now + spec.safety_factor * wait
 
         finish = {t: finish_at(t) for t in policy.tiers}

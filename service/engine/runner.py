@@ -45,12 +45,23 @@ log = logging.getLogger(__name__)
 
 
 class DeviceThreads:
-    """The device's launch thread (every model call, warm-up included, runs here: nothing overlaps) and,
-    on CUDA, the completion thread that waits for batches to finish."""
+    """The device's launch threads (every model call, warm-up included, runs on one) and, on CUDA, the
+    completion thread that waits for batches to finish.
 
-    def __init__(self, device: torch.device) -> None:
+    CUDA has one launch thread: batches queue on the device anyway. A CPU has ``lanes`` of them, each
+    running whole batches with torch's threads divided among them (``batching.cpu_parallel_batches``).
+    One batch on every thread stalls whenever any of its threads is preempted (by decoding, HTTP, the
+    OS): each op ends at its slowest thread's pace. Measured on 2 cores under load, two one-thread batches
+    at once served 0.92–0.98 of the bare model's throughput against 0.74–0.87 for one two-thread batch
+    (BENCHMARKS.md)."""
+
+    def __init__(self, device: torch.device, cpu_parallel_batches: int = 1) -> None:
         self.device = device
-        self.launch = ThreadPoolExecutor(1, thread_name_prefix=f"launch-{device}")
+        threads = torch.get_num_threads()
+        self.lanes = max(1, min(cpu_parallel_batches, threads)) if device.type == "cpu" else 1
+        self.threads_per_lane = threads // self.lanes if device.type == "cpu" else threads
+        init = functools.partial(torch.set_num_threads, self.threads_per_lane) if self.lanes > 1 else None
+        self.launch = ThreadPoolExecutor(self.lanes, thread_name_prefix=f"launch-{device}", initializer=init)
         self.complete = ThreadPoolExecutor(1, thread_name_prefix=f"complete-{device}")
         self.stream = torch.cuda.Stream(device) if device.type == "cuda" else None
 

@@ -187,6 +187,14 @@ class EngineMetrics:
             ["model", "result"],
             registry=r,
         )
+        self.parallel_batches = Gauge(
+            "tome_device_parallel_batches",
+            "Batches the device runs at once (CPU: batching.cpu_parallel_batches, at most one per torch "
+            "thread; CUDA: 1, batches queue on the device): rate(tome_batch_duration_seconds_sum) over "
+            "this is the device's busy share",
+            registry=r,
+            multiprocess_mode="livemax",
+        )
         self.engine_ready = Gauge(
             "tome_engine_ready",
             "1 once every model is loaded and warm",

@@ -65,13 +65,17 @@ class Results:
 
 
 def make(
-    max_batch: int = 4, wait_ms: float = 1000, queue: int = 16, depth: int = 1, timeout_s: float = 60
+    max_batch: int = 4,
+    wait_ms: float = 1000,
+    queue: int = 16,
+    depth: int = 1,
+    timeout_s: float = 60,
+    lanes: int = 1,
 ) -> Batcher:
     """A batcher whose ``fatal`` records its reasons in ``batcher.fatal_reasons``."""
     reasons: list[str] = []
-    b = Batcher(
-        max_batch, wait_ms / 1000, queue, depth, EngineMetrics(CollectorRegistry()), reasons.append, timeout_s
-    )
+    metrics = EngineMetrics(CollectorRegistry())
+    b = Batcher(max_batch, wait_ms / 1000, queue, depth, metrics, reasons.append, timeout_s, lanes=lanes)
     b.fatal_reasons = reasons  # type: ignore[attr-defined]
     return b
 
@@ -202,6 +206,47 @@ def test_pipeline_depth_overlaps_batches() -> None:
             await done.wait(2)
             gate.clear()
             await b.close()
+
+    asyncio.run(main())
+
+
+def test_side_by_side_lanes_share_the_backlog_and_a_batch_on_a_free_lane_is_not_behind_others() -> None:
+    """With two CPU lanes, two batches run at once: the backlog is their work shared between the lanes,
+    a request's predicted finish is list scheduling's bound (the work ahead shared, its own batch whole on
+    one lane), and a batch formed while another runs has a lane of its own, so it is not 504'd for the
+    other's time (with one lane it would be: the test below)."""
+
+    async def main() -> None:
+        gates = [threading.Event() for _ in range(3)]
+
+        async def run(slots: Sequence[int], jpeg: Sequence[bool]) -> BatchOutput:
+            await asyncio.to_thread(gates[slots[0]].wait, 5)
+            return BatchOutput([[0]], [[1.0]], 2.0)
+
+        b, done = make(max_batch=1, wait_ms=0, depth=2, lanes=2), Results()
+        q = b.add_queue("m", "t", run)
+        other = b.add_queue("m", "u", run)
+        b.batch_times["m"] = BatchTimes([1], {"t": {1: 2.0}, "u": {1: 1.0}})
+        b.start()
+        b.submit(q, [0, 1], FAR, done)
+        await asyncio.sleep(0.3)  # both running on their lanes for 0.3 s: 1.7 s left each
+        assert len(b._running) == 2
+        now = time.monotonic()
+        assert b.backlog_s(now) == pytest.approx(1.7, abs=0.15)  # (1.7 + 1.7) / 2
+        b.submit(other, [5], FAR, done)  # waits for a lane: 1 s of work at tier u
+        # ahead of a new image at t: 1.7 + 1.7 running, 1.0 queued at u; its own batch 2.0 on one lane
+        assert b.finish_s(q, 1, now) == pytest.approx((1.7 + 1.7 + 1.0) / 2 + 2.0, abs=0.15)
+        b.abandon(other, [j for j in other.jobs])
+        b.submit(q, [2], time.monotonic() + 2.5, done)
+        gates[0].set()  # a lane frees; slot 2's batch takes it: ends in 2 s, within its 2.5 s deadline
+        await done.wait(1)
+        await asyncio.sleep(0.1)
+        assert 2 not in done.by_slot and len(b._running) == 2  # running, not refused
+        gates[1].set()
+        gates[2].set()
+        await done.wait(3)
+        assert isinstance(done.by_slot[2], JobResult)
+        await b.close()
 
     asyncio.run(main())
 

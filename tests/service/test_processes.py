@@ -233,8 +233,9 @@ def _open_loop(url: str, tier: str, rate: float, seconds: float, work: Path) -> 
 
 def _device_capacity(url: str, tier: str) -> float:
     """Images/s the device runs ``tier`` at, measured live: 8 clients post 4 images 4 times (batches of
-    up to 8), over the batches' own durations. (Warm-up's one timing per bucket read up to 2x slow on a
-    noisy host, which made "2x" a load the device kept up with.)"""
+    up to 8), over the batches' own durations, times the batches it runs at once (CPU lanes). (Warm-up's
+    one timing per bucket read up to 2x slow on a noisy host, which made "2x" a load the device kept up
+    with.)"""
 
     def images_and_seconds() -> tuple[float, float]:
         text = httpx.get(f"{url}/metrics").text
@@ -255,7 +256,8 @@ def _device_capacity(url: str, tier: str) -> float:
     with ThreadPoolExecutor(8) as pool:
         list(pool.map(client, range(8)))
     after_images, after_seconds = images_and_seconds()
-    return (after_images - images) / (after_seconds - seconds)
+    lanes = metric_value(httpx.get(f"{url}/metrics").text, "tome_device_parallel_batches", {})
+    return lanes * (after_images - images) / (after_seconds - seconds)
 
 
 def test_auto_degrades_under_overload_where_a_fixed_tier_refuses(tmp_path: Path) -> None:
@@ -270,8 +272,11 @@ def test_auto_degrades_under_overload_where_a_fixed_tier_refuses(tmp_path: Path)
         "[limits]\ndeadline_ms = 3000\n"
     )
     with serve(tmp_path, body) as (url, _):
-        exact, fastest = _device_capacity(url, "exact"), _device_capacity(url, "fastest")
-        # the test needs a fast tier with room for 2x exact (a fresh-clone CI read 2.95x once against 3x)
+        # exact on both sides of fastest: this VM's speed drifts, and the ratio is what the test needs
+        before, fastest = _device_capacity(url, "exact"), _device_capacity(url, "fastest")
+        exact = (before + _device_capacity(url, "exact")) / 2
+        # the test needs a fast tier with room for 2x exact (a fresh-clone CI read 2.95x once against 3x;
+        # a whole-suite run 2.48x once, measuring exact only before fastest)
         assert fastest > 2.5 * exact, (exact, fastest)
         half = _open_loop(url, "auto", exact * 0.5, 3.0, tmp_path)
         text = httpx.get(f"{url}/metrics").text

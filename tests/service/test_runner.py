@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import threading
 
 import pytest
 import torch
@@ -34,6 +35,46 @@ def test_buckets() -> None:
     assert batch_buckets(8) == [1, 2, 4, 8]
     assert batch_buckets(12) == [1, 2, 4, 8, 12]
     assert [bucket_for(n, batch_buckets(12)) for n in (1, 3, 5, 9, 12)] == [1, 4, 8, 12, 12]
+
+
+def test_cpu_lanes_run_batches_side_by_side_on_a_share_of_the_threads_each() -> None:
+    """``cpu_parallel_batches`` on a CPU: that many launch threads (never more than torch's threads), each
+    running its batches on an equal share of torch's threads, two at once; results equal the direct model's;
+    on CUDA there is one launch thread whatever the setting."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(4)
+    try:
+        threads = DeviceThreads(torch.device("cpu"), cpu_parallel_batches=2)
+        assert (threads.lanes, threads.threads_per_lane) == (2, 2)
+        assert DeviceThreads(torch.device("cpu"), cpu_parallel_batches=8).lanes == 4  # a thread each at most
+        barrier = threading.Barrier(2, timeout=5)
+
+        def on_a_lane() -> tuple[str, int]:
+            barrier.wait()  # both calls must be running at once to pass it
+            return threading.current_thread().name, torch.get_num_threads()
+
+        async def both() -> list[tuple[str, int]]:
+            return list(await asyncio.gather(threads.call(on_a_lane), threads.call(on_a_lane)))
+
+        ran = asyncio.run(both())
+        assert len({name for name, _ in ran}) == 2 and [n for _, n in ran] == [2, 2]
+        loaded = _loaded()
+        runner = ModelRunner(loaded, _slots(), threads, max_batch_size=8, top_k=5)
+        tier = next(iter(loaded.tiers.values()))
+
+        async def two_batches() -> list[list[int]]:
+            run = runner.runner_for(tier)
+            first, second = await asyncio.gather(run(range(0, 4), None), run(range(4, 8), None))
+            return first.indices + second.indices
+
+        with torch.inference_mode():
+            expected = loaded.model(runner.normalize(_slots()[:8]), r=tier.r).topk(5, dim=-1).indices
+        assert asyncio.run(two_batches()) == expected.tolist()
+        threads.shutdown()
+    finally:
+        torch.set_num_threads(before)
+    if CUDA:
+        assert DeviceThreads(torch.device("cuda"), cpu_parallel_batches=2).lanes == 1
 
 
 def test_padding_to_a_bucket_never_changes_a_real_image() -> None:
