@@ -122,9 +122,13 @@ def toml_value(value: Any) -> str:
     raise ValueError(f"model kwarg value {value!r} is not a TOML scalar this writer knows")
 
 
-def config_text(model: str, model_kwargs: dict[str, Any], device: str, workers: int | None) -> str:
+def config_text(
+    model: str, model_kwargs: dict[str, Any], device: str, workers: int | None, cpu_parallel_batches: int = 1
+) -> str:
     """The server's config. ``server.workers`` (front-end processes) is written only when given: the
-    service's default is one per available core."""
+    service's default is one per available core. ``batching.cpu_parallel_batches`` is 1 by default: one
+    launch thread, as the engine has on a GPU, the host path this bench stands in for (the service's
+    CPU default, 2, runs two at once: more, smaller batches, and GIL time for each)."""
     kwargs = ", ".join(f"{k} = {toml_value(v)}" for k, v in model_kwargs.items())
     lines = [f'device = "{device}"']
     lines += [
@@ -137,6 +141,7 @@ def config_text(model: str, model_kwargs: dict[str, Any], device: str, workers: 
     ]
     if workers is not None:
         lines += ["", "[server]", f"workers = {workers}"]
+    lines += ["", "[batching]", f"cpu_parallel_batches = {cpu_parallel_batches}"]
     return "\n".join(lines) + "\n"
 
 
@@ -286,7 +291,7 @@ def measure(args: argparse.Namespace, workdir: Path) -> HostPathReport:
     photo = args.photo or find_photo(args.images)
     with Image.open(photo) as img:
         photo_info = {"path": str(photo), "size": list(img.size), "bytes": photo.stat().st_size}
-    config = config_text(args.model, args.model_kwargs, args.device, args.workers)
+    config = config_text(args.model, args.model_kwargs, args.device, args.workers, args.cpu_parallel_batches)
     with Server(config, workdir) as server:
         server.wait_ready(args.start_timeout)
         url = f"{server.url}/classify" + (f"?tier={args.tier}" if args.tier else "")
@@ -332,7 +337,17 @@ def measure(args: argparse.Namespace, workdir: Path) -> HostPathReport:
 
 
 def run_config(args: argparse.Namespace, config: str) -> dict[str, Any]:
-    keys = ("model", "model_kwargs", "device", "workers", "tier", "concurrency", "duration", "warmup")
+    keys = (
+        "model",
+        "model_kwargs",
+        "device",
+        "workers",
+        "cpu_parallel_batches",
+        "tier",
+        "concurrency",
+        "duration",
+        "warmup",
+    )
     return {
         **{k: getattr(args, k) for k in keys},
         "gil_seconds": args.gil_seconds,
@@ -371,7 +386,8 @@ def format_report(r: HostPathReport) -> str:
     c = r.config
     kwargs = ", ".join(f"{k}={v}" for k, v in c["model_kwargs"].items())
     lines = [
-        f"host path: {c['model']} ({kwargs}) on {c['device']}, workers={c['workers'] or 'default'}; "
+        f"host path: {c['model']} ({kwargs}) on {c['device']}, workers={c['workers'] or 'default'}, "
+        f"cpu_parallel_batches={c.get('cpu_parallel_batches', 1)}; "
         f"{Path(r.photo['path']).name} {r.photo['size'][0]}x{r.photo['size'][1]} ({r.photo['bytes']} B) "
         f"as image/jpeg; ab -k -c {c['concurrency']} for {r.window_s:.1f} s",
         f"req/s {r.requests_per_s:.1f}   requests {r.requests} (non-2xx {r.non_2xx}, failed {r.failed}, "
@@ -450,6 +466,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         type=int,
         default=None,
         help="front-end worker processes; written to the config as `workers` only when given",
+    )
+    p.add_argument(
+        "--cpu-parallel-batches",
+        type=int,
+        default=1,
+        help="batching.cpu_parallel_batches (default 1: one launch thread, as on a GPU)",
     )
     p.add_argument("--tier", default=None, help="?tier= of every request (default: the model's)")
     p.add_argument("--photo", type=Path, default=None, help="JPEG to post (default: the first 500x375 one)")

@@ -179,6 +179,13 @@ class BatchingSettings(_Strict):
         "batch per thread); one batch whose threads wait for each other at every op loses more to a "
         "preempted thread than several smaller-threaded batches do",
     )
+    cpu_batch_niceness: int = Field(
+        5,
+        ge=0,
+        le=19,
+        description="CPU only: how much lower (Linux nice) the batch threads run than the rest of the "
+        "service, so that accepting, refusing, health checks and decoding come first under overload",
+    )
     batch_timeout_s: float = Field(
         120.0,
         gt=0,

@@ -160,8 +160,9 @@ class Engine:
     def load(self) -> None:
         """Load every model and create its shared slots (blocking; raises ``ModelLoadError``)."""
         device = resolve_device(self.settings.device)
-        self.threads = DeviceThreads(device, self.settings.batching.cpu_parallel_batches)
-        limits, b = self.settings.limits, self.settings.batching
+        b = self.settings.batching
+        self.threads = DeviceThreads(device, b.cpu_parallel_batches, b.cpu_batch_niceness)
+        limits = self.settings.limits
         slot_count = self.workers * self.settings.server.max_pending_images
         for index, spec in enumerate(self.settings.models):
             loaded = load_model(spec, device)

@@ -24,7 +24,9 @@ import asyncio
 import contextlib
 import functools
 import logging
+import os
 import queue
+import threading
 import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -44,6 +46,19 @@ from .tiers import Tier
 log = logging.getLogger(__name__)
 
 
+def _start_cpu_lane(threads: int, niceness: int) -> None:
+    """A CPU lane's thread: its share of torch's threads, and a lower priority than the rest of the host
+    (Linux nice applies per thread; the OpenMP workers it starts inherit it)."""
+    torch.set_num_threads(threads)
+    if niceness:
+        try:
+            os.setpriority(
+                os.PRIO_PROCESS, threading.get_native_id(), os.getpriority(os.PRIO_PROCESS, 0) + niceness
+            )
+        except OSError as e:  # e.g. a seccomp profile that forbids it: the lane still runs
+            log.warning("could not lower the CPU batch thread's priority: %s", e)
+
+
 class DeviceThreads:
     """The device's launch threads (every model call, warm-up included, runs on one) and, on CUDA, the
     completion thread that waits for batches to finish.
@@ -53,14 +68,20 @@ class DeviceThreads:
     One batch on every thread stalls whenever any of its threads is preempted (by decoding, HTTP, the
     OS): each op ends at its slowest thread's pace. Measured on 2 cores under load, two one-thread batches
     at once served 0.92–0.98 of the bare model's throughput against 0.74–0.87 for one two-thread batch
-    (BENCHMARKS.md)."""
+    (BENCHMARKS.md). CPU lanes run ``cpu_batch_niceness`` below the rest of the host: accepting
+    connections, refusing what cannot be admitted, health checks and decoding admitted images come
+    first, the model takes the rest (RELIABILITY.md: under 3x overload on 2 cores, without it refusals
+    took seconds and the main port's /healthz up to 5 s)."""
 
-    def __init__(self, device: torch.device, cpu_parallel_batches: int = 1) -> None:
+    def __init__(
+        self, device: torch.device, cpu_parallel_batches: int = 1, cpu_batch_niceness: int = 0
+    ) -> None:
         self.device = device
         threads = torch.get_num_threads()
-        self.lanes = max(1, min(cpu_parallel_batches, threads)) if device.type == "cpu" else 1
-        self.threads_per_lane = threads // self.lanes if device.type == "cpu" else threads
-        init = functools.partial(torch.set_num_threads, self.threads_per_lane) if self.lanes > 1 else None
+        cpu = device.type == "cpu"
+        self.lanes = max(1, min(cpu_parallel_batches, threads)) if cpu else 1
+        self.threads_per_lane = threads // self.lanes if cpu else threads
+        init = functools.partial(_start_cpu_lane, self.threads_per_lane, cpu_batch_niceness) if cpu else None
         self.launch = ThreadPoolExecutor(self.lanes, thread_name_prefix=f"launch-{device}", initializer=init)
         self.complete = ThreadPoolExecutor(1, thread_name_prefix=f"complete-{device}")
         self.stream = torch.cuda.Stream(device) if device.type == "cuda" else None

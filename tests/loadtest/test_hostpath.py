@@ -26,9 +26,11 @@ def test_config_has_the_near_free_model_and_workers_only_when_asked() -> None:
     (model,) = plain["models"]
     assert model["timm_name"] == "vit_tiny_patch16_224" and model["weights"] == "random"
     assert model["model_kwargs"] == {"img_size": 32, "depth": 1}
+    assert plain["batching"] == {"cpu_parallel_batches": 1}  # one launch thread, as on a GPU
 
     four = tomllib.loads(config_text("m", {"flag": True, "name": 'a "b"', "x": 0.5}, "cuda:1", 4))
     assert four["server"]["workers"] == 4 and four["device"] == "cuda:1"
+    assert tomllib.loads(config_text("m", {}, "cpu", None, 2))["batching"]["cpu_parallel_batches"] == 2
     assert four["models"][0]["model_kwargs"] == {"flag": True, "name": 'a "b"', "x": 0.5}
 
 

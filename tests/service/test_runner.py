@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import os
 import threading
 
 import pytest
@@ -58,6 +59,7 @@ def test_cpu_lanes_run_batches_side_by_side_on_a_share_of_the_threads_each() -> 
 
         ran = asyncio.run(both())
         assert len({name for name, _ in ran}) == 2 and [n for _, n in ran] == [2, 2]
+        assert torch.get_num_threads() == 4  # this thread keeps its own
         loaded = _loaded()
         runner = ModelRunner(loaded, _slots(), threads, max_batch_size=8, top_k=5)
         tier = next(iter(loaded.tiers.values()))
@@ -75,6 +77,21 @@ def test_cpu_lanes_run_batches_side_by_side_on_a_share_of_the_threads_each() -> 
         torch.set_num_threads(before)
     if CUDA:
         assert DeviceThreads(torch.device("cuda"), cpu_parallel_batches=2).lanes == 1
+
+
+def test_cpu_batches_run_below_the_rest_of_the_service() -> None:
+    """``cpu_batch_niceness``: each CPU lane thread runs that much nicer than the thread that started the
+    engine (one lane or several), so front-ends and the engine's own event loop come first under load."""
+    base = os.getpriority(os.PRIO_PROCESS, 0)  # Linux: this thread's
+    for lanes in (1, 2):
+        threads = DeviceThreads(torch.device("cpu"), cpu_parallel_batches=lanes, cpu_batch_niceness=3)
+        niceness = asyncio.run(threads.call(lambda: os.getpriority(os.PRIO_PROCESS, 0)))
+        assert niceness == min(19, base + 3), lanes
+        threads.shutdown()
+    assert os.getpriority(os.PRIO_PROCESS, 0) == base
+    plain = DeviceThreads(torch.device("cpu"))
+    assert asyncio.run(plain.call(lambda: os.getpriority(os.PRIO_PROCESS, 0))) == base
+    plain.shutdown()
 
 
 def test_padding_to_a_bucket_never_changes_a_real_image() -> None:
