@@ -215,21 +215,24 @@ class Batcher:
                 total += times.drain(queue.tier, queue.live)
         if self.lanes == 1:
             return total + self._busy_s(now)
-        for started, model, tier, images in self._running.values():  # side by side: each its own left
+        return total + sum(max(0.0, started + s - now) for started, s in self._running_s())  # side by side
+
+    def _running_s(self) -> list[tuple[float, float]]:
+        """(start, predicted seconds) of each batch in flight whose model has batch times, by start."""
+        running = []
+        for started, model, tier, images in sorted(self._running.values()):
             times = self.batch_times.get(model)
             if times is not None:
-                total += max(0.0, started + times.batch(tier, images) - now)
-        return total
+                running.append((started, times.batch(tier, images)))
+        return running
 
     def _busy_s(self, now: float) -> float:
         """Predicted seconds until a one-lane device has run the batches in flight. They run one after
         another: with ``pipeline_depth`` > 1 a batch launched behind another waits for it on the device,
         so crediting each with the time since its launch would count the overlap twice."""
         end = -math.inf
-        for started, model, tier, images in sorted(self._running.values()):
-            times = self.batch_times.get(model)
-            if times is not None:  # one past its predicted end is still running: it ends no earlier than now
-                end = max(now, max(end, started) + times.batch(tier, images))
+        for started, seconds in self._running_s():  # one past its predicted end ends no earlier than now
+            end = max(now, max(end, started) + seconds)
         return max(0.0, end - now)
 
     def _set_depth(self, queue: TierQueue) -> None:
