@@ -177,7 +177,8 @@ class BatchingSettings(_Strict):
         le=64,
         description="CPU only: batches run at once, each on an equal share of torch's threads (at most one "
         "batch per thread); one batch whose threads wait for each other at every op loses more to a "
-        "preempted thread than several smaller-threaded batches do",
+        "preempted thread than several smaller-threaded batches do. A batch that starts while no other "
+        "runs takes every thread (low-load latency)",
     )
     cpu_batch_niceness: int = Field(
         5,

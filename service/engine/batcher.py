@@ -46,12 +46,14 @@ class DeadlineExceeded(Exception):
 class BatchOutput:
     """What a runner returns for one batch: per image, its top-k indices and scores; ``errors`` (when
     not None) per image None or why it could not be decoded (device JPEG decode: that image fails alone,
-    its top-k is meaningless)."""
+    its top-k is meaningless); ``representative`` False: ``inference_s`` is not what such a batch takes
+    under load (a CPU batch that ran alone on every thread), so it does not update the predicted times."""
 
     indices: list[list[int]]
     scores: list[list[float]]
     inference_s: float
     errors: list[str | None] | None = None
+    representative: bool = True
 
 
 RunBatch = Callable[[Sequence[int], Sequence[bool]], Awaitable[BatchOutput]]
@@ -362,7 +364,7 @@ class Batcher:
             self.watchdog.end(token)
             del self._running[token]
         times = self.batch_times.get(queue.model)
-        if times is not None:
+        if times is not None and out.representative:
             times.observe(queue.tier, len(jobs), out.inference_s)
         series.batch_duration.observe(out.inference_s)
         series.batch_size.observe(len(jobs))

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import functools
 import logging
 import os
@@ -30,6 +31,7 @@ import threading
 import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
+from typing import TypeVar
 
 import torch
 
@@ -44,6 +46,7 @@ from .normalize import Normalize
 from .tiers import Tier
 
 log = logging.getLogger(__name__)
+_T = TypeVar("_T")
 
 
 def _start_cpu_lane(threads: int, niceness: int) -> None:
@@ -68,10 +71,12 @@ class DeviceThreads:
     One batch on every thread stalls whenever any of its threads is preempted (by decoding, HTTP, the
     OS): each op ends at its slowest thread's pace. Measured on 2 cores under load, two one-thread batches
     at once served 0.92–0.98 of the bare model's throughput against 0.74–0.87 for one two-thread batch
-    (BENCHMARKS.md). CPU lanes run ``cpu_batch_niceness`` below the rest of the host: accepting
-    connections, refusing what cannot be admitted, health checks and decoding admitted images come
-    first, the model takes the rest (RELIABILITY.md: under 3x overload on 2 cores, without it refusals
-    took seconds and the main port's /healthz up to 5 s)."""
+    (BENCHMARKS.md). A batch that starts while no other lane runs one takes every thread
+    (``call_batch``): at low load a lone request gets the whole CPU. CPU lanes run
+    ``cpu_batch_niceness`` below the rest of the host: accepting connections, refusing what cannot be
+    admitted, health checks and decoding admitted images come first, the model takes the rest
+    (RELIABILITY.md: under 3x overload on 2 cores, without it refusals took seconds and the main port's
+    /healthz up to 5 s)."""
 
     def __init__(
         self, device: torch.device, cpu_parallel_batches: int = 1, cpu_batch_niceness: int = 0
@@ -80,13 +85,41 @@ class DeviceThreads:
         threads = torch.get_num_threads()
         cpu = device.type == "cpu"
         self.lanes = max(1, min(cpu_parallel_batches, threads)) if cpu else 1
+        self.threads = threads
         self.threads_per_lane = threads // self.lanes if cpu else threads
+        self._busy_lanes = 0
+        self._busy_lock = threading.Lock()
         init = functools.partial(_start_cpu_lane, self.threads_per_lane, cpu_batch_niceness) if cpu else None
         self.launch = ThreadPoolExecutor(self.lanes, thread_name_prefix=f"launch-{device}", initializer=init)
         self.complete = ThreadPoolExecutor(1, thread_name_prefix=f"complete-{device}")
         self.stream = torch.cuda.Stream(device) if device.type == "cuda" else None
 
     async def call(self, fn: Callable[[], object]) -> object:
+        """``fn`` on a launch thread (on a CPU with several lanes: on the lane's share of the threads)."""
+        result, _ = await self._run(functools.partial(self._on_lane, fn, False))
+        return result
+
+    async def call_batch(self, fn: Callable[[], _T]) -> tuple[_T, bool]:
+        """Run a CPU batch on a lane: on every thread when no other lane is busy, else on the lane's
+        share. Returns the result and whether it ran alone on every thread (with several lanes only):
+        such a batch is faster than one under load, so its time must not teach the batcher what a batch
+        of that size takes (measured, ViT-Ti at batch 1 on 2 cores: 20 ms on both threads, 34 ms on one)."""
+        return await self._run(functools.partial(self._on_lane, fn, True))  # type: ignore[return-value]
+
+    def _on_lane(self, fn: Callable[[], _T], whole_cpu_when_alone: bool) -> tuple[_T, bool]:
+        if self.lanes == 1:
+            return fn(), False
+        with self._busy_lock:
+            alone = whole_cpu_when_alone and self._busy_lanes == 0
+            self._busy_lanes += 1
+        torch.set_num_threads(self.threads if alone else self.threads_per_lane)
+        try:
+            return fn(), alone
+        finally:
+            with self._busy_lock:
+                self._busy_lanes -= 1
+
+    async def _run(self, fn: Callable[[], object]) -> object:
         return await asyncio.get_running_loop().run_in_executor(self.launch, self._in_stream(fn))
 
     def _in_stream(self, fn: Callable[[], object]) -> Callable[[], object]:
@@ -180,7 +213,8 @@ class ModelRunner:
             jpeg = jpeg if jpeg is not None else [False] * len(slots)
             try:
                 if not self.cuda:
-                    return await self.threads.call(lambda: self._run_cpu(slots, jpeg, tier))  # type: ignore[return-value]
+                    out, alone = await self.threads.call_batch(lambda: self._run_cpu(slots, jpeg, tier))
+                    return dataclasses.replace(out, representative=not alone)
                 launch = functools.partial(self._launch_cuda, slots, jpeg, tier)
                 done: Future[BatchOutput] = await self.threads.call(launch)  # type: ignore[assignment]
                 return await asyncio.wrap_future(done)

@@ -282,6 +282,31 @@ def test_pipelined_batches_wait_for_each_other_in_the_backlog_and_the_deadline_c
     asyncio.run(main())
 
 
+def test_a_batch_whose_time_is_not_representative_leaves_the_predicted_times_alone() -> None:
+    """A CPU batch that ran alone on every thread is faster than one under load: its time must not lower
+    what the batcher predicts (deadlines, tier=auto); a representative batch's time does move it."""
+
+    async def main() -> None:
+        outputs = [BatchOutput([[0]], [[1.0]], 0.1, representative=False), BatchOutput([[0]], [[1.0]], 0.1)]
+
+        async def run(slots: Sequence[int], jpeg: Sequence[bool]) -> BatchOutput:
+            return outputs.pop(0)
+
+        b, done = make(max_batch=1, wait_ms=0), Results()
+        q = b.add_queue("m", "t", run)
+        b.batch_times["m"] = BatchTimes([1], {"t": {1: 2.0}})
+        b.start()
+        b.submit(q, [0], FAR, done)
+        await done.wait(1)
+        assert b.batch_times["m"].batch("t", 1) == 2.0
+        b.submit(q, [1], FAR, done)
+        await done.wait(2)
+        assert b.batch_times["m"].batch("t", 1) < 2.0
+        await b.close()
+
+    asyncio.run(main())
+
+
 def test_close_runs_queued_jobs_then_refuses() -> None:
     async def main() -> None:
         log: list = []

@@ -79,6 +79,53 @@ def test_cpu_lanes_run_batches_side_by_side_on_a_share_of_the_threads_each() -> 
         assert DeviceThreads(torch.device("cuda"), cpu_parallel_batches=2).lanes == 1
 
 
+def test_a_cpu_batch_alone_takes_every_thread_and_its_time_does_not_teach_the_predictor() -> None:
+    """With several CPU lanes, a batch that starts while no other lane is busy runs on every thread (a lone
+    request at low load gets the whole CPU) and says so, since its time is not what a batch takes under
+    load; one that starts beside another runs on its lane's share; warm-up and other calls always on the
+    share. With one lane nothing changes."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(4)
+    try:
+        threads = DeviceThreads(torch.device("cpu"), cpu_parallel_batches=2)
+        running, release = threading.Event(), threading.Event()
+
+        def first() -> int:
+            running.set()
+            assert release.wait(5)
+            return torch.get_num_threads()
+
+        def second() -> int:
+            release.set()
+            return torch.get_num_threads()
+
+        async def scenario() -> list[object]:
+            alone = await threads.call_batch(torch.get_num_threads)
+            plain = await threads.call(torch.get_num_threads)
+            one = asyncio.ensure_future(threads.call_batch(first))
+            await asyncio.get_running_loop().run_in_executor(None, running.wait, 5)
+            other = await threads.call_batch(second)  # starts while the first batch runs
+            return [alone, plain, await one, other]
+
+        alone, plain, first_out, second_out = asyncio.run(scenario())
+        assert alone == (4, True) and plain == 2
+        assert first_out == (4, True) and second_out == (2, False)
+        threads.shutdown()
+
+        single = DeviceThreads(torch.device("cpu"), cpu_parallel_batches=1)
+        assert asyncio.run(single.call_batch(torch.get_num_threads)) == (4, False)
+        single.shutdown()
+
+        loaded = _loaded()
+        threads = DeviceThreads(torch.device("cpu"), cpu_parallel_batches=2)
+        runner = ModelRunner(loaded, _slots(), threads, max_batch_size=8, top_k=5)
+        out = asyncio.run(runner.runner_for(next(iter(loaded.tiers.values())))(range(2), None))
+        assert out.representative is False
+        threads.shutdown()
+    finally:
+        torch.set_num_threads(before)
+
+
 def test_cpu_batches_run_below_the_rest_of_the_service() -> None:
     """``cpu_batch_niceness``: each CPU lane thread runs that much nicer than the thread that started the
     engine (one lane or several), so front-ends and the engine's own event loop come first under load."""
