@@ -306,6 +306,18 @@ def test_deadline_passing_in_queue_is_504_and_never_runs(make_client) -> None:
     assert metric_value(c.get("/metrics").text, "tome_images_total") == images_before + 1  # the 504 never ran
 
 
+def test_a_deadline_spent_before_decoding_is_504_without_decoding(client) -> None:
+    """A deadline that has passed once the body is in (a tiny X-Deadline-Ms, a slow upload) is answered
+    at once: its images are neither decoded nor queued."""
+    text = client.get("/metrics").text
+    decoded = metric_value(text, "tome_preprocess_seconds_count")
+    r = classify(client, headers={"X-Deadline-Ms": "1e-9"})
+    assert r.status_code == 504 and r.json()["error"]["code"] == "deadline"
+    assert "decoded" in r.json()["error"]["message"]
+    assert metric_value(client.get("/metrics").text, "tome_preprocess_seconds_count") == decoded
+    assert classify(client).status_code == 200
+
+
 @pytest.mark.parametrize("fused", [True, False])
 def test_fused_resize_setting_picks_the_preprocessing_path(make_client, fused: bool) -> None:
     client = make_client(limits={"fused_resize": fused})
@@ -561,6 +573,26 @@ def test_openapi_lists_raw_body_types(client: TestClient, fmt: str, media_type: 
     assert r.status_code == 200, r.text
     content = client.get("/openapi.json").json()["paths"]["/classify"]["post"]["requestBody"]["content"]
     assert content[media_type] == {"schema": {"type": "string", "format": "binary"}}
+
+
+def test_openapi_documents_the_headers_classify_reads_and_sends(client: TestClient) -> None:
+    """X-Deadline-Ms and X-Request-ID are read from the request without FastAPI parameters (no validation
+    cost per request), so the document lists them itself; the answer's X-Request-ID and a 503's Retry-After
+    are documented where they are sent."""
+    op = client.get("/openapi.json").json()["paths"]["/classify"]["post"]
+    headers = {p["name"]: p for p in op["parameters"] if p["in"] == "header"}
+    assert set(headers) == {"X-Deadline-Ms", "X-Request-ID"}
+    assert {p["name"] for p in op["parameters"] if p["in"] == "query"} == {"tier", "top_k", "model", "r"}
+    assert "X-Request-ID" in op["responses"]["200"]["headers"]
+    assert set(op["responses"]["503"]["headers"]) == {"X-Request-ID", "Retry-After"}
+    sent = client.post(
+        "/classify", content=b"not an image", headers={"content-type": "image/png", "X-Request-ID": "abc-1"}
+    )
+    assert sent.headers["X-Request-ID"] == "abc-1"
+    too_short = client.post(
+        "/classify", content=b"x", headers={"content-type": "image/png", "X-Deadline-Ms": "0"}
+    )
+    assert too_short.status_code == 422 and "X-Deadline-Ms" in too_short.json()["error"]["message"]
 
 
 def test_openapi_documents_the_statuses_and_types_the_routes_answer_with(client: TestClient) -> None:

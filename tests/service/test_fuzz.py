@@ -37,4 +37,9 @@ def live_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
 @schema.parametrize()
 @settings(max_examples=40, deadline=None, derandomize=True, suppress_health_check=list(HealthCheck))
 def test_no_request_gets_a_server_error(case: schemathesis.Case, live_url: str) -> None:
-    case.call_and_validate(base_url=live_url, checks=[not_a_server_error], timeout=30)
+    response = case.call(base_url=live_url, timeout=30)
+    if response.status_code == 504 and "X-Deadline-Ms" in (case.headers or {}):
+        # The client's own deadline (X-Deadline-Ms, fuzzed down to 1e-50 ms) passed: documented, not a fault.
+        assert response.json()["error"]["code"] == "deadline"
+        return
+    case.validate_response(response, checks=[not_a_server_error])

@@ -23,7 +23,7 @@ from ...ingest.body import ImagePart, read_images
 from ...ingest.passthrough import pass_through
 from ...ipc.client import EngineGone
 from ...ipc.protocol import ImageOutcome, Reject, Result
-from ..dependencies import FrontendDep, deadline, resolve_model, resolve_tier, resolve_top_k
+from ..dependencies import DEADLINE_HEADER, FrontendDep, deadline, resolve_model, resolve_tier, resolve_top_k
 from ..errors import NOT_REJECTIONS, Outcome, count_request
 from ..request_ids import REQUEST_ID_HEADER, request_id
 from ..schemas import ClassifyResponse, ErrorDetail, ErrorResponse, ImageResult, Prediction, Timings
@@ -35,6 +35,27 @@ log = logging.getLogger(__name__)
 router = APIRouter()
 
 CLASSIFY_OPENAPI: dict[str, Any] = {
+    # Headers read straight from the request (``dependencies.deadline``, ``request_ids``): no per-request
+    # validation cost, documented here.
+    "parameters": [
+        {
+            "name": DEADLINE_HEADER,
+            "in": "header",
+            "required": False,
+            "description": "shortens the request's deadline (limits.deadline_ms; for tier=auto, its latency "
+            "objective) to this many milliseconds; never extends it. Not a positive number: 422",
+            "schema": {"type": "number", "exclusiveMinimum": 0},
+            "example": 250,
+        },
+        {
+            "name": REQUEST_ID_HEADER,
+            "in": "header",
+            "required": False,
+            "description": "echoed in the response's X-Request-ID and the logs; one is generated when "
+            "absent or not 1-128 characters of [A-Za-z0-9._:/+=@-]",
+            "schema": {"type": "string", "maxLength": 128},
+        },
+    ],
     "requestBody": {
         "required": True,
         "content": {
@@ -66,19 +87,31 @@ CLASSIFY_OPENAPI: dict[str, Any] = {
     },
 }
 
+_REQUEST_ID_OUT = {REQUEST_ID_HEADER: {"description": "the request's id", "schema": {"type": "string"}}}
+_RETRY_AFTER = {
+    "Retry-After": {"description": "seconds to wait before retrying", "schema": {"type": "integer"}}
+}
+
 CLASSIFY_ERRORS: dict[int | str, dict[str, Any]] = {
-    status: {"model": ErrorResponse, "description": text}
-    for status, text in {
-        400: "unknown tier, or raw r not allowed",
-        404: "unknown model",
-        408: "the body did not arrive within limits.body_timeout_s (connection closed)",
-        413: "body over the size limit",
-        415: "not an image / unsupported content type",
-        422: "corrupt or empty image, too many pixels, bad parameter",
-        500: "inference failed",
-        503: "overloaded, queue full, warming up, draining or engine down (see Retry-After)",
-        504: "deadline passed while queued",
-    }.items()
+    200: {"headers": _REQUEST_ID_OUT},
+    **{
+        status: {
+            "model": ErrorResponse,
+            "description": text,
+            "headers": {**_REQUEST_ID_OUT, **(_RETRY_AFTER if status == 503 else {})},
+        }
+        for status, text in {
+            400: "unknown tier, or raw r not allowed",
+            404: "unknown model",
+            408: "the body did not arrive within limits.body_timeout_s (connection closed)",
+            413: "body over the size limit",
+            415: "not an image / unsupported content type",
+            422: "corrupt or empty image, too many pixels, bad parameter",
+            500: "inference failed",
+            503: "overloaded, queue full, warming up, draining or engine down (see Retry-After)",
+            504: "deadline passed while queued",
+        }.items()
+    },
 }
 
 _REJECT_STATUS = {"deadline": 504, "internal": 500, "bad_request": 400}
@@ -209,6 +242,8 @@ async def classify(
         limits = frontend.settings.limits
         parts = await read_images(request, limits.max_body_bytes, limits.max_files, limits.body_timeout_s)
         auto = tier_info is None
+        if not auto and time.monotonic() >= until:  # spent on the body: decoding it would serve nobody
+            raise ServiceError(504, "deadline", "the deadline passed before its images were decoded")
         if auto and len(parts) > served.free.limited_size:  # never admissible: not worth a retry
             raise ServiceError(
                 400,
