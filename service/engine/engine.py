@@ -191,10 +191,12 @@ class Engine:
             self.labels[spec.name] = list(class_names(loaded.num_classes))
             for tier in loaded.tiers.values():
                 self._export_calibration(spec.name, tier)
-                self.metrics.tier_info.labels(
-                    model=spec.name, tier=tier.name, schedule=tier.describe_schedule()
-                ).set(1)
-                self.metrics.tier_gflops.labels(model=spec.name, tier=tier.name).set(tier.info.gflops)
+                self._export_tier(spec.name, tier)
+
+    def _export_tier(self, model: str, tier: Tier) -> None:
+        """A tier's ``tome_tier_info`` and ``tome_tier_gflops`` (a raw ``?r=`` tier: at its first use)."""
+        self.metrics.tier_info.labels(model=model, tier=tier.name, schedule=tier.describe_schedule()).set(1)
+        self.metrics.tier_gflops.labels(model=model, tier=tier.name).set(tier.info.gflops)
 
     async def start(self) -> None:
         """Build the batcher and queues, warm up every tier and bucket (on the device thread), then serve."""
@@ -461,9 +463,11 @@ class Engine:
             return queue
         if isinstance(tier, int) and loaded.spec.allow_raw_r:
             try:
-                return self._add_queue(model, tier, raw_r_tier(loaded.model, tier))
+                raw = raw_r_tier(loaded.model, tier)
             except ValueError as e:
                 return Reject(0, "bad_request", str(e))
+            self._export_tier(model, raw)
+            return self._add_queue(model, tier, raw)
         return Reject(0, "bad_request", f"unknown tier {tier!r} for model {model!r}")
 
     def cancel(self, conn: int, request_id: int) -> None:

@@ -240,6 +240,9 @@ def test_raw_r_when_enabled(make_client) -> None:
     c = make_client(models=[{**_tiny(), "allow_raw_r": True}])
     ok = classify(c, params={"r": 5})
     assert ok.status_code == 200 and ok.json()["r_per_block"] == [5, 5] and ok.json()["tier"] == "r5"
+    text = c.get("/metrics").text  # a raw tier is described like the configured ones from its first use
+    assert metric_value(text, "tome_tier_info", {"tier": "r5", "schedule": "r=5"}) == 1
+    assert metric_value(text, "tome_tier_gflops", {"tier": "r5"}) > 0
     assert classify(c, params={"r": 9}).status_code == 422  # at most half of the 16 patches
     assert classify(c, params={"r": -1}).status_code == 422
     assert classify(c, params={"r": 2, "tier": "fast"}).status_code == 400
