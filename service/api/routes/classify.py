@@ -109,7 +109,7 @@ CLASSIFY_ERRORS: dict[int | str, dict[str, Any]] = {
             422: "corrupt or empty image, too many pixels, bad parameter",
             500: "inference failed",
             503: "overloaded, queue full, warming up, draining or engine down (see Retry-After)",
-            504: "deadline passed while queued",
+            504: "deadline passed (spent on the body, or while queued)",
         }.items()
     },
 }
