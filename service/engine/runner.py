@@ -103,7 +103,8 @@ class DeviceThreads:
         """Run a CPU batch on a lane: on every thread when no other lane is busy, else on the lane's
         share. Returns the result and whether it ran alone on every thread (with several lanes only):
         such a batch is faster than one under load, so its time must not teach the batcher what a batch
-        of that size takes (measured, ViT-Ti at batch 1 on 2 cores: 20 ms on both threads, 34 ms on one)."""
+        of that size takes (measured on a pool thread, batch 1 on 2 cores: ViT-S 71 ms on both threads
+        against 115 ms on one; BENCHMARKS.md)."""
         return await self._run(functools.partial(self._on_lane, fn, True))  # type: ignore[return-value]
 
     def _on_lane(self, fn: Callable[[], _T], whole_cpu_when_alone: bool) -> tuple[_T, bool]:
