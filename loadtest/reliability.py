@@ -50,7 +50,7 @@ from collections import Counter
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import httpx
 import psutil
@@ -60,6 +60,7 @@ from loadtest import ab, h2load, openloop, proctree, scrape
 from loadtest.server import REPO, Server, free_port
 from loadtest.workload import DEFAULT_IMAGES_DIR
 
+_T = TypeVar("_T")
 DEMO_CONFIG = REPO / "service" / "configs" / "cpu-demo.toml"
 PROBES = ("half_bodies", "overload", "refusal_cost", "trickle", "stalled_uploads", "sigterm", "png_flood")
 
@@ -192,6 +193,24 @@ def _openloop(url: str, rate: float, seconds: float, work: Path, tag: str, gener
     return openloop.run_in_subprocess(url, rate, seconds, work / f"openloop-{tag}.json", *extra, timeout=180)
 
 
+def cpu_during(server: Server, fn: Callable[[], _T]) -> tuple[_T, float, float, float]:
+    """``fn()``, then the CPU seconds its run took in the server's process tree and in this process's
+    waited-for children (the load generators ``fn`` runs), and its wall seconds."""
+    before, generator_before, started = proctree.cpu_snapshot(server.pid), _children_cpu_s(), time.monotonic()
+    result = fn()
+    wall = time.monotonic() - started
+    generator_s = _children_cpu_s() - generator_before
+    server_s = proctree.cpu_delta(before, proctree.cpu_snapshot(server.pid)).total_s
+    return result, server_s, generator_s, wall
+
+
+def cpu_cores_during(server: Server, fn: Callable[[], _T]) -> tuple[_T, dict[str, float]]:
+    """``fn()``, and the cores the server and the load generators kept busy meanwhile (CPU seconds per
+    second): on a shared host, what the generator takes is taken from the server."""
+    result, server_s, generator_s, wall = cpu_during(server, fn)
+    return result, {"server": round(server_s / wall, 3), "generator": round(generator_s / wall, 3)}
+
+
 def capacity(server: Server, work: Path, seconds: float = 10, clients: int = 32) -> float:
     """Closed-loop requests/s of ApacheBench (``clients`` concurrent) posting the photo: a C client, so
     the figure is the server's, not a Python load generator's."""
@@ -219,8 +238,9 @@ def overload(
     ratio is the median over rounds. ``served_of_capacity`` is the server's own view: images the
     engine classified per second while the load ran (``tome_images_total``), against the same
     capacity."""
-    cap = capacity(server, work)
+    cap, cores = cpu_cores_during(server, lambda: capacity(server, work))
     out: dict[str, Any] = {"capacity_rps": round(cap, 1), "generator": generator, "rounds": rounds}
+    out["capacity_cpu_cores"] = cores
     capacities = [cap]
     per_load: dict[float, list[dict[str, Any]]] = {load: [] for load in loads}
     for _ in range(rounds):
@@ -230,9 +250,11 @@ def overload(
             rate = capacities[-1] * load
             per_load[load].append(_one_load(server, work, rate, seconds, probe_port, generator, load))
             time.sleep(5)  # let the backlog drain before measuring capacity again
-            capacities.append(capacity(server, work))
+            after, cores = cpu_cores_during(server, lambda: capacity(server, work))
+            capacities.append(after)
             bracket = (capacities[-2] + capacities[-1]) / 2
             entry = per_load[load][-1]
+            entry["capacity_after_cpu_cores"] = cores
             entry["capacity_before_after_rps"] = [round(capacities[-2], 1), round(capacities[-1], 1)]
             entry["offered_of_capacity"] = round(rate / bracket, 3)
             entry["goodput_of_capacity"] = round(entry["goodput_rps"] / bracket, 3)
@@ -263,7 +285,9 @@ def _one_load(
     for t in pollers:
         t.start()
     before, images_before, started = rejections(server.url), _images(server.url), time.monotonic()
-    run = _openloop(server.url, rate, seconds, work, f"{load}x", generator)
+    run, cores = cpu_cores_during(
+        server, lambda: _openloop(server.url, rate, seconds, work, f"{load}x", generator)
+    )
     served_ips = (_images(server.url) - images_before) / (time.monotonic() - started)
     stop.set()
     refused_by = scrape.delta(rejections(server.url), before)
@@ -283,6 +307,7 @@ def _one_load(
         "probe_port_healthz_max_s": round(max(probe_health), 3) if probe_health else None,
         "probe_port_readyz_max_s": round(max(probe_ready), 3) if probe_ready else None,
         "generator_behind_schedule": run["generator"]["behind_reasons"],
+        "cpu_cores": cores,  # over the whole run, warm-up included
     }
 
 
@@ -301,10 +326,9 @@ def refusal_cost(server: Server, work: Path, rate: float = 1000, seconds: float 
     holder.sendall(head(len(body.read_bytes())) + b"\xff\xd8")
     time.sleep(0.5)
     try:
-        before, generator_before = proctree.cpu_snapshot(server.pid), _children_cpu_s()
-        run = h2load.run(f"{server.url}/classify", body, "image/jpeg", rate, seconds, warmup=0)
-        generator_s = _children_cpu_s() - generator_before
-        server_s = proctree.cpu_delta(before, proctree.cpu_snapshot(server.pid)).total_s
+        run, server_s, generator_s, _ = cpu_during(
+            server, lambda: h2load.run(f"{server.url}/classify", body, "image/jpeg", rate, seconds, warmup=0)
+        )
     finally:
         holder.close()
     sent = sum(run["counts"].values())

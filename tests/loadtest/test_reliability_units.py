@@ -1,10 +1,13 @@
-"""The reliability bench's own parts: core lists for taskset, and the health poller."""
+"""The reliability bench's own parts: core lists for taskset, the health poller, CPU accounting."""
 
 from __future__ import annotations
 
 import http.server
+import subprocess
+import sys
 import threading
 import time
+from types import SimpleNamespace
 
 from loadtest import reliability
 from loadtest.reliability import _poll, cpu_list
@@ -73,6 +76,7 @@ def test_overload_offers_each_load_against_the_capacity_measured_just_before_it(
         }
 
     monkeypatch.setattr(reliability, "capacity", lambda server, work: next(capacities))
+    monkeypatch.setattr(reliability, "cpu_cores_during", lambda server, fn: (fn(), {"server": 1.0}))
     monkeypatch.setattr(reliability, "_one_load", one_load)
     monkeypatch.setattr(reliability.time, "sleep", lambda s: None)
     out = reliability.overload(None, None, [1.5, 3.0], 1.0, 0, "h2load", rounds=1)  # type: ignore[arg-type]
@@ -80,3 +84,20 @@ def test_overload_offers_each_load_against_the_capacity_measured_just_before_it(
     assert out["1.5x"]["offered_of_capacity"] == round(150 / 90, 3)
     assert out["3.0x"]["offered_of_capacity"] == round(240 / 100, 3)
     assert out["3.0x"]["goodput_of_capacity"] == round(120 / 100, 3)
+
+
+def test_cpu_cores_during_tells_the_generators_cpu_from_the_servers() -> None:
+    """A child process that spins for 0.6 s counts as the generator's; an idle server's tree counts ~0."""
+    idle_server = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"])
+    try:
+        time.sleep(0.3)  # past the interpreter's start-up
+        spin = "import time\nend = time.process_time() + 0.6\nwhile time.process_time() < end: pass"
+        _, cores = reliability.cpu_cores_during(
+            SimpleNamespace(pid=idle_server.pid),  # type: ignore[arg-type]
+            lambda: subprocess.run([sys.executable, "-c", spin], check=True),
+        )
+    finally:
+        idle_server.kill()
+        idle_server.wait()
+    assert cores["generator"] >= 0.4
+    assert cores["server"] < 0.1
