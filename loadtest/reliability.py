@@ -7,8 +7,9 @@ random-weight ViT, CPU) for each probe and prints one line per probe (JSON with 
   tracebacks in its log.
 - ``overload``: open-loop arrivals at 1.5x and 3x the capacity ApacheBench measures (32 concurrent
   clients): goodput against capacity, how fast refusals come back and why (``tome_rejections_total``),
-  client timeouts and connection errors, and ``/healthz`` / ``/readyz`` latency polled throughout, on
-  the main port and on ``server.probe_port`` (set for this probe). Arrivals come from h2load
+  client timeouts and connection errors, ``/healthz`` / ``/readyz`` latency polled throughout, on
+  the main port and on ``server.probe_port`` (set for this probe), and the cores the server and the
+  load generator kept busy in each load and capacity run. Arrivals come from h2load
   (``loadtest.h2load``, C, a new connection per request) where it is installed, else from
   ``loadtest.openloop`` (Python; ``--generator`` picks). On a small host the generator shares the
   cores with the server, so for this probe the server runs at nice 5: the generator keeps its
