@@ -38,6 +38,14 @@ one still queued), not the one whose answer is being written, which then writes 
 (uvloop raises: an ERROR traceback for each pipelining client that leaves mid-answer). The protocol keeps
 the request it is running and marks that one too.
 
+**Early answers**: with ``answer_early`` (``api.shedding``), a request whose headers are in while nothing
+else runs on its connection is offered to it first; an answer it returns (a 503 under overload) is written
+at once, without an ASGI task, scope or middleware, and the request's body is read and discarded (closing
+with a body unread would reset the connection, and the client could lose the answer). The rest of that
+body must arrive within ``header_timeout_s``, like any body after an early answer. The connection is then
+kept alive, or closed when the request or the answer says so; after an ``Expect: 100-continue`` no body
+follows, so it is closed at once.
+
 It also reads a connection's addresses from the transport's ``sockname``/``peername``: uvicorn asks for
 the ``socket``, which uvloop builds anew for every connection (measured: 22% of a front-end's event
 loop with one connection per request).
@@ -49,9 +57,11 @@ import asyncio
 import json
 import logging
 from collections.abc import Callable
+from http import HTTPStatus
 from typing import Any
 
 import httptools
+from starlette.responses import Response
 from uvicorn.protocols.http.flow_control import FlowControl
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol, RequestResponseCycle
 from uvicorn.protocols.utils import is_ssl
@@ -59,6 +69,9 @@ from uvicorn.protocols.utils import is_ssl
 log = logging.getLogger(__name__)
 
 READ_CHUNK_MARGIN = 256 * 1024  # bytes fed in one read may run past the headers into the body
+
+# (method, path without its query, lower-cased headers) -> an answer to write at once, or None to go on
+EarlyAnswer = Callable[[bytes, bytes, list[tuple[bytes, bytes]]], Response | None]
 
 
 def _address(info: object) -> tuple[str, int] | None:
@@ -75,15 +88,31 @@ def _has_body(headers: list[tuple[bytes, bytes]]) -> bool:
     )
 
 
+def _closes(response: Response) -> bool:
+    return any(name == b"connection" and b"close" in value.lower() for name, value in response.raw_headers)
+
+
+def _wire(response: Response, default_headers: list[tuple[bytes, bytes]], close: bool) -> bytes:
+    """``response`` (a whole body) as HTTP/1.1 bytes, uvicorn's default headers (date, server) first."""
+    headers = [*default_headers, *response.raw_headers]
+    if close and not _closes(response):
+        headers.append((b"connection", b"close"))
+    lines = b"".join(b"%s: %s\r\n" % header for header in headers)
+    status = response.status_code
+    return b"HTTP/1.1 %d %s\r\n%s\r\n%s" % (status, HTTPStatus(status).phrase.encode(), lines, response.body)
+
+
 def guarded_protocol(
     header_timeout_s: float,
     max_header_bytes: int,
     on_refuse: Callable[[str], None],
     write_timeout_s: float | None = None,
     new_request_id: Callable[[], str] | None = None,
+    answer_early: EarlyAnswer | None = None,
 ) -> type[HttpToolsProtocol]:
     """A protocol class for ``uvicorn.Config(http=..., ws="none")`` with these limits (no write deadline
-    when ``write_timeout_s`` is None); its refusals carry a ``new_request_id()`` like the app's errors."""
+    when ``write_timeout_s`` is None); its refusals carry a ``new_request_id()`` like the app's errors;
+    ``answer_early`` may answer a request as soon as its headers are in (see the module's docstring)."""
 
     class GuardedHttpToolsProtocol(HttpToolsProtocol):
         def __init__(self, *args: Any, **kwargs: Any) -> None:
@@ -97,6 +126,8 @@ def guarded_protocol(
             self._write_timer: asyncio.TimerHandle | None = None
             self._running: RequestResponseCycle | None = None  # the request being answered
             self._upgrade_with_body: bytes | None = None  # the Upgrade asked by a request with a body
+            self._discarding = False  # the body of a request answered early is being read and dropped
+            self._close_after_body = False
 
         def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
             # HttpToolsProtocol.connection_made, with the addresses read cheaply
@@ -161,18 +192,11 @@ def guarded_protocol(
         def _refuse(self, status: int, code: str, message: str) -> None:
             on_refuse(code)
             error: dict[str, Any] = {"error": {"code": code, "message": message}}
-            request_id = b""
+            headers: dict[str, str] = {}
             if new_request_id is not None:
-                error["request_id"] = new_request_id()
-                request_id = b"x-request-id: %s\r\n" % error["request_id"].encode()
-            body = json.dumps(error).encode()
-            reason = {400: b"Bad Request", 408: b"Request Timeout", 431: b"Request Header Fields Too Large"}[
-                status
-            ]
-            self.transport.write(
-                b"HTTP/1.1 %d %s\r\ncontent-type: application/json\r\ncontent-length: %d\r\n%s"
-                b"connection: close\r\n\r\n%s" % (status, reason, len(body), request_id, body)
-            )
+                error["request_id"] = headers["x-request-id"] = new_request_id()
+            response = Response(json.dumps(error), status, headers, media_type="application/json")
+            self.transport.write(_wire(response, self.server_state.default_headers, close=True))
             self.transport.close()
 
         def data_received(self, data: bytes) -> None:
@@ -208,6 +232,9 @@ def guarded_protocol(
         def on_message_begin(self) -> None:
             self._header_bytes, self._oversized = 0, False  # per request: pipelined ones share a read
             self._upgrade_with_body = None
+            # a discarded body that ends in this read armed the keep-alive timer (on_message_complete);
+            # uvicorn cancels it only when a read begins, and this request came in the same read
+            self._unset_keepalive_if_required()
             super().on_message_begin()
 
         def on_url(self, url: bytes) -> None:
@@ -230,15 +257,40 @@ def guarded_protocol(
             if self.parser.should_upgrade() and _has_body(self.headers):
                 self._upgrade_with_body = next((v for n, v in self.headers if n == b"upgrade"), b"")
                 return  # data_received answers 400 once the parser returns
+            if answer_early is not None and self._answered_early(answer_early):
+                return
             super().on_headers_complete()
 
+        def _answered_early(self, answer_early: EarlyAnswer) -> bool:
+            if not (self.cycle is None or self.cycle.response_complete) or self.pipeline:
+                return False  # an answer is still being written on this connection: the app answers it
+            path = self.url.split(b"?", 1)[0]
+            response = answer_early(self.parser.get_method(), path, self.headers)
+            if response is None:
+                return False
+            close = not self.parser.should_keep_alive() or _closes(response) or self.expect_100_continue
+            self.transport.write(_wire(response, self.server_state.default_headers, close))
+            self._discarding, self._close_after_body = True, close
+            if self.expect_100_continue:  # the client sends no body after a final answer
+                self.transport.close()
+            else:
+                self._expect_headers()  # the rest of the body within header_timeout_s (_headers_too_slow)
+            return True
+
         def on_body(self, body: bytes) -> None:
-            if self._oversized or self._upgrade_with_body is not None:
+            if self._discarding or self._oversized or self._upgrade_with_body is not None:
                 return
             super().on_body(body)
 
         def on_message_complete(self) -> None:
             self._body_pending = False
+            if self._discarding:
+                self._discarding = False
+                if self._close_after_body:
+                    self.transport.close()
+                else:
+                    self.on_response_complete()  # keep-alive timer, the next request's header deadline
+                return
             if self._oversized or self._upgrade_with_body is not None:
                 return
             super().on_message_complete()

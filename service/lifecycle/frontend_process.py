@@ -19,6 +19,7 @@ import uvicorn
 
 from ..api.app import create_app
 from ..api.http_guard import guarded_protocol
+from ..api.shedding import protocol_shedder
 from ..api.state import Frontend
 from ..ipc.rundir import RunDir
 from ..settings import ServiceSettings
@@ -115,6 +116,7 @@ def frontend_main(
             metrics.reject,
             write_timeout_s=limits.body_timeout_s,
             new_request_id=app.state.frontend.new_request_id,
+            answer_early=protocol_shedder(app.state.frontend),
         ),
         log_level=log_level,
         log_config=None,  # uvicorn's loggers propagate to ours: one format, with the role

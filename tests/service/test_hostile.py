@@ -154,6 +154,37 @@ def test_a_large_body_answered_early_does_not_count_as_the_next_requests_headers
         s.close()
 
 
+def test_a_full_front_end_refuses_from_the_protocol_and_keeps_the_connection(tmp_path: Path) -> None:
+    """Past ``server.max_requests`` a classify request gets its 503 as soon as its headers are in
+    (``api.shedding`` through ``api.http_guard``), counted like the route's; its body is discarded, so
+    the same connection serves the client's next request once there is room."""
+    base = BASE.replace("workers = 2", "workers = 1\nmax_requests = 1")
+    base = base.replace("body_timeout_s = 1.5", "body_timeout_s = 20")
+    with serve(tmp_path, base=base) as (url, port, _, _):
+        holder = raw(port, head(len(PNG)), PNG[:10])  # admitted; its body stalls
+        deadline = time.monotonic() + 10
+        while metric_value(metrics(url), "tome_in_flight_requests") < 1:
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+        s = socket.create_connection(("127.0.0.1", port))
+        for i in range(3):
+            s.sendall(head(len(PNG), extra=b"X-Request-ID: full-%d\r\n" % i) + PNG)
+            answer = read_response(s, 10)
+            assert answer.startswith("HTTP/1.1 503"), answer
+            assert f"x-request-id: full-{i}" in answer.lower() and "retry-after:" in answer.lower()
+            assert '"code":"overloaded"' in answer and f'"request_id":"full-{i}"' in answer
+        holder.sendall(PNG[10:])
+        assert read_response(holder, 30).startswith("HTTP/1.1 200")
+        s.sendall(head(len(PNG)) + PNG)  # the same connection
+        assert read_response(s, 30).startswith("HTTP/1.1 200")
+        s.close()
+        holder.close()
+        text = metrics(url)
+        assert metric_value(text, "tome_requests_total", {"status": "503", "model": "none"}) == 3
+        assert metric_value(text, "tome_rejections_total", {"reason": "overloaded"}) == 3
+        assert metric_value(text, "tome_requests_total", {"status": "200"}) == 2
+
+
 def test_pipelined_requests_are_each_answered(tmp_path: Path) -> None:
     """HTTP/1.1 pipelining: requests sent back to back are sized one by one (two 1.5 KB heads under a
     2 KB limit: no 431) and one whose headers came in while the previous ran is not timed out when that
