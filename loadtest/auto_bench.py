@@ -18,6 +18,12 @@ fidelity monitor sampling ``--shadow-rate`` of the images served at a merging ti
 ``--rounds N`` repeats 1-3 on the same server (capacity measured again each round, so the offered load
 follows this VM's drifting speed) and ends with a summary: per round, the refusals of each phase.
 
+With ``--trace-interval`` (default 2 s; 0: off), each overloaded auto phase also keeps a timeline read
+from ``/metrics``: per point, the images waiting in each tier's queue, each tier's batch time per image
+over the interval (this VM's speed as the batches saw it) and the 503s and 504s so far. The summary reads
+the first refusal against it: a backlog grown at the usual batch time is queueing, one grown while the
+batch time per image rose is the VM slowing down.
+
 Effective agreement of auto's traffic: the calibrated agreement of each tier weighted by the images auto
 sent to it (``tome_auto_tier_total``), and the fidelity monitor's live figures
 (``tome_shadow_{checks,agreements}_total`` over the whole run, read once its idle-time work is done).
@@ -30,6 +36,7 @@ import asyncio
 import json
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -37,7 +44,7 @@ from typing import Any
 import httpx
 
 from loadtest import openloop
-from loadtest.scrape import by_label, delta, scrape
+from loadtest.scrape import Sample, by_label, delta, scrape
 from loadtest.server import REPO, Server
 from loadtest.workload import DEFAULT_IMAGES_DIR
 
@@ -123,9 +130,84 @@ def open_loop(url: str, tier: str, rate: float, seconds: float, work: Path) -> d
     return openloop.run_in_subprocess(url, rate, seconds, report, *extra, nice=10)
 
 
-def phase(url: str, tier: str, rate: float, seconds: float, work: Path, agreement: dict[str, float]) -> dict:
+def timeline_point(t: float, start: list[Sample], before: list[Sample], now: list[Sample]) -> dict[str, Any]:
+    """One point of a phase's timeline, ``t`` s in: queued images per tier now, batch time per image per
+    tier since ``before`` (tiers that ran), and the requests answered 503 or 504 since ``start`` (by the
+    front-ends' admission or by auto's prediction)."""
+    busy = delta(
+        by_label(now, "tome_batch_duration_seconds_sum", "tier"),
+        by_label(before, "tome_batch_duration_seconds_sum", "tier"),
+    )
+    images = delta(by_label(now, "tome_images_total", "tier"), by_label(before, "tome_images_total", "tier"))
+    answered = delta(
+        by_label(now, "tome_requests_total", "status"), by_label(start, "tome_requests_total", "status")
+    )
+    return {
+        "t": round(t, 1),
+        "queued": {k: v for k, v in by_label(now, "tome_queue_depth", "tier").items() if v},
+        "ms_per_image": {k: round(1000 * v / images[k], 2) for k, v in busy.items() if images.get(k)},
+        "refused": answered.get("503", 0.0) + answered.get("504", 0.0),
+    }
+
+
+class Timeline:
+    """Reads ``/metrics`` every ``interval`` s in a thread while a phase runs (``timeline_point``)."""
+
+    def __init__(self, url: str, interval: float) -> None:
+        self.url, self.interval = url, interval
+        self.points: list[dict[str, Any]] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="timeline", daemon=True)
+
+    def __enter__(self) -> Timeline:
+        self._start, self._t0 = scrape(self.url), time.monotonic()
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+
+    def _run(self) -> None:
+        before = self._start
+        while not self._stop.wait(self.interval):
+            try:
+                now = scrape(self.url)
+            except httpx.HTTPError:
+                continue  # a missed point; the next one covers its interval
+            self.points.append(timeline_point(time.monotonic() - self._t0, self._start, before, now))
+            before = now
+
+
+def first_refusal(points: list[dict[str, Any]], tier: str) -> str | None:
+    """The first point with a refusal, read against ``tier``'s median batch time per image in the phase."""
+    hit = next((p for p in points if p["refused"]), None)
+    if hit is None:
+        return None
+    times = sorted(p["ms_per_image"][tier] for p in points if tier in p["ms_per_image"])
+    queued = ", ".join(f"{k} {v:.0f}" for k, v in sorted(hit["queued"].items(), key=lambda kv: -kv[1]))
+    text = f"first refusal by {hit['t']:g} s: queued {queued or 'nothing'}"
+    if tier in hit["ms_per_image"] and times:
+        then, median = hit["ms_per_image"][tier], times[len(times) // 2]
+        text += f"; {tier} {then:g} ms/image then, {median:g} the phase's median"
+    return text
+
+
+def phase(
+    url: str,
+    tier: str,
+    rate: float,
+    seconds: float,
+    work: Path,
+    agreement: dict[str, float],
+    trace_interval: float = 0,
+) -> dict:
     before = scrape(url)
-    run = open_loop(url, tier, rate, seconds, work)
+    if trace_interval > 0:
+        with Timeline(url, trace_interval) as timeline:
+            run = open_loop(url, tier, rate, seconds, work)
+    else:
+        run = open_loop(url, tier, rate, seconds, work)
     after = scrape(url)
     mix = delta(
         by_label(after, "tome_auto_tier_total", "tier"), by_label(before, "tome_auto_tier_total", "tier")
@@ -149,6 +231,8 @@ def phase(url: str, tier: str, rate: float, seconds: float, work: Path, agreemen
         out["auto_tier_mix"] = mix
         out["auto_reasons"] = reasons
         out["auto_refused"] = refused_by_auto
+        if trace_interval > 0:
+            out["timeline"] = timeline.points
         if served:
             out["effective_agreement_calibrated"] = round(
                 sum(n * agreement[t] for t, n in mix.items()) / served, 4
@@ -178,7 +262,8 @@ def one_round(url: str, args: argparse.Namespace, work: Path, agreement: dict[st
     out: dict[str, Any] = {"capacity_rps": round(cap, 2), "phases": []}
     for tier, load in (("exact", args.overload), ("auto", args.overload), ("auto", args.light)):
         time.sleep(10)  # the backlog of the phase before drains
-        ph = phase(url, tier, load * cap, args.seconds, work, agreement)
+        trace = args.trace_interval if tier == "auto" and load == args.overload else 0
+        ph = phase(url, tier, load * cap, args.seconds, work, agreement, trace)
         ph["load"] = load
         print(json.dumps(ph), flush=True)
         out["phases"].append(ph)
@@ -191,8 +276,9 @@ def one_round(url: str, args: argparse.Namespace, work: Path, agreement: dict[st
     return out
 
 
-def summary(rounds: list[dict[str, Any]]) -> str:
-    """One line per round: capacity and, per phase, served / refused (and auto's effective agreement)."""
+def summary(rounds: list[dict[str, Any]], floor: str = "floor") -> str:
+    """One line per round: capacity and, per phase, served / refused (and auto's effective agreement,
+    and where the phase has a timeline, its first refusal read against ``floor``'s batch times)."""
     lines = []
     for i, rnd in enumerate(rounds, 1):
         before, after = rnd["capacity_rps"], rnd["capacity_after_rps"]
@@ -204,6 +290,8 @@ def summary(rounds: list[dict[str, Any]]) -> str:
             if "effective_agreement_calibrated" in ph:
                 at_exact = ph["auto_tier_mix"].get("exact", 0) / sum(ph["auto_tier_mix"].values())
                 text += f" ({at_exact:.0%} at exact, agreement {ph['effective_agreement_calibrated']:.1%})"
+            if ph.get("timeline") and (refusal := first_refusal(ph["timeline"], floor)):
+                text += f" [{refusal}]"
             parts.append(text)
         lines.append("; ".join(parts))
     heavy = [
@@ -227,6 +315,12 @@ def main(argv: list[str] | None = None) -> int:
         "--target-share", type=float, default=None, help="auto.target_share (default: the service's)"
     )
     p.add_argument("--rounds", type=int, default=1, help="capacity + the three phases, this many times")
+    p.add_argument(
+        "--trace-interval",
+        type=float,
+        default=2.0,
+        help="seconds between /metrics reads in each overloaded auto phase (0: no timeline)",
+    )
     p.add_argument("--json", type=Path, default=None)
     args = p.parse_args(argv)
     if args.rounds < 1:
@@ -260,7 +354,8 @@ def main(argv: list[str] | None = None) -> int:
                 else None,
             }
             print("shadow:", json.dumps(result["shadow"]), flush=True)
-    print(summary(result["rounds"]), flush=True)
+    floor = "floor" if args.floor_min_speedup is not None else "fastest"
+    print(summary(result["rounds"], floor), flush=True)
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(result, indent=2))

@@ -63,6 +63,43 @@ def test_the_summary_counts_rounds_whose_overloaded_auto_phase_refused_nothing()
     assert lines[-1] == "rounds whose overloaded auto phase refused nothing: 2 of 3"
 
 
+def _metrics(refused: int, floor_busy_s: float, floor_images: float, queued: float) -> list:
+    labels = {"model": "vit-ti", "tier": "floor"}
+    return [
+        ("tome_batch_duration_seconds_sum", labels, floor_busy_s),
+        ("tome_batch_duration_seconds_count", labels, floor_images / 16),
+        ("tome_images_total", labels, floor_images),
+        ("tome_images_total", {"model": "vit-ti", "tier": "exact"}, 40.0),  # ran before: no time of its own
+        ("tome_queue_depth", labels, queued),
+        ("tome_queue_depth", {"model": "vit-ti", "tier": "exact"}, 0.0),
+        ("tome_auto_tier_total", {"model": "vit-ti", "tier": "floor", "reason": "deadline"}, floor_images),
+        ("tome_requests_total", {"model": "vit-ti", "tier": "auto", "status": "503"}, refused // 2),
+        ("tome_requests_total", {"model": "vit-ti", "tier": "auto", "status": "504"}, refused - refused // 2),
+        ("tome_requests_total", {"model": "vit-ti", "tier": "auto", "status": "200"}, floor_images),
+    ]
+
+
+def test_a_timeline_point_reads_the_backlog_batch_time_and_refusals_of_its_interval() -> None:
+    start = _metrics(refused=5, floor_busy_s=10.0, floor_images=800, queued=0)
+    before = _metrics(refused=5, floor_busy_s=12.0, floor_images=900, queued=300)
+    now = _metrics(refused=12, floor_busy_s=14.5, floor_images=1000, queued=583)
+    point = auto_bench.timeline_point(6.04, start, before, now)
+    assert point == {"t": 6.0, "queued": {"floor": 583}, "ms_per_image": {"floor": 25.0}, "refused": 7}
+
+
+def test_the_summary_reads_the_first_refusal_against_the_floors_batch_times() -> None:
+    rnd = _round(7)
+    points = [
+        {"t": 2.0, "queued": {"floor": 100}, "ms_per_image": {"floor": 20.0}, "refused": 0},
+        {"t": 4.0, "queued": {"floor": 400, "balanced": 56}, "ms_per_image": {"floor": 31.5}, "refused": 3},
+        {"t": 6.0, "queued": {"floor": 300}, "ms_per_image": {"floor": 21.0}, "refused": 7},
+    ]
+    rnd["phases"][1]["timeline"] = points
+    line = summary([rnd, _round(0)]).splitlines()[0]
+    assert "[first refusal by 4 s: queued floor 400, balanced 56; floor 31.5 ms/image then, 21 the" in line
+    assert auto_bench.first_refusal(points[:1], "floor") is None  # no refusal, nothing to read
+
+
 LATENCY_S = (0.3, 0.6)  # uniform: the clients' answers do not come in step
 SLACK_S = 0.1  # for the moments capacity() takes its window's start, and for delivery
 
