@@ -34,6 +34,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import statistics
 import sys
 import tempfile
 import threading
@@ -153,14 +154,14 @@ def timeline_point(t: float, start: list[Sample], before: list[Sample], now: lis
 class Timeline:
     """Reads ``/metrics`` every ``interval`` s in a thread while a phase runs (``timeline_point``)."""
 
-    def __init__(self, url: str, interval: float) -> None:
-        self.url, self.interval = url, interval
+    def __init__(self, url: str, interval: float, start: list[Sample]) -> None:
+        self.url, self.interval, self._start = url, interval, start
         self.points: list[dict[str, Any]] = []
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="timeline", daemon=True)
 
     def __enter__(self) -> Timeline:
-        self._start, self._t0 = scrape(self.url), time.monotonic()
+        self._t0 = time.monotonic()
         self._thread.start()
         return self
 
@@ -184,11 +185,11 @@ def first_refusal(points: list[dict[str, Any]], tier: str) -> str | None:
     hit = next((p for p in points if p["refused"]), None)
     if hit is None:
         return None
-    times = sorted(p["ms_per_image"][tier] for p in points if tier in p["ms_per_image"])
+    times = [p["ms_per_image"][tier] for p in points if tier in p["ms_per_image"]]
     queued = ", ".join(f"{k} {v:.0f}" for k, v in sorted(hit["queued"].items(), key=lambda kv: -kv[1]))
     text = f"first refusal by {hit['t']:g} s: queued {queued or 'nothing'}"
     if tier in hit["ms_per_image"] and times:
-        then, median = hit["ms_per_image"][tier], times[len(times) // 2]
+        then, median = hit["ms_per_image"][tier], statistics.median_high(times)
         text += f"; {tier} {then:g} ms/image then, {median:g} the phase's median"
     return text
 
@@ -204,7 +205,7 @@ def phase(
 ) -> dict:
     before = scrape(url)
     if trace_interval > 0:
-        with Timeline(url, trace_interval) as timeline:
+        with Timeline(url, trace_interval, start=before) as timeline:
             run = open_loop(url, tier, rate, seconds, work)
     else:
         run = open_loop(url, tier, rate, seconds, work)
