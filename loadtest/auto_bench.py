@@ -24,6 +24,11 @@ over the interval (this VM's speed as the batches saw it) and the 503s and 504s 
 the first refusal against it: a backlog grown at the usual batch time is queueing, one grown while the
 batch time per image rose is the VM slowing down.
 
+Every phase also reads where the host's CPU went (``cpu``: the service's process tree by part, with
+``loadtest.proctree``, and the host's busy time), per image served: the engine's other threads are the
+model, the front-ends' other threads decode, and the rest of the host is mostly the load generator. On
+these shared cores it shows how much of the machine the model had while a tier served the overload.
+
 Effective agreement of auto's traffic: the calibrated agreement of each tier weighted by the images auto
 sent to it (``tome_auto_tier_total``), and the fidelity monitor's live figures
 (``tome_shadow_{checks,agreements}_total`` over the whole run, read once its idle-time work is done).
@@ -43,8 +48,9 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import psutil
 
-from loadtest import openloop
+from loadtest import openloop, proctree
 from loadtest.scrape import Sample, by_label, delta, scrape
 from loadtest.server import REPO, Server
 from loadtest.workload import DEFAULT_IMAGES_DIR
@@ -194,6 +200,24 @@ def first_refusal(points: list[dict[str, Any]], tier: str) -> str | None:
     return text
 
 
+def _busy_s(before: Any, after: Any) -> float:
+    """CPU seconds the host's cores were busy between two ``psutil.cpu_times()``."""
+    idle = (after.idle + getattr(after, "iowait", 0.0)) - (before.idle + getattr(before, "iowait", 0.0))
+    return sum(after) - sum(before) - idle
+
+
+def cpu_per_image(
+    parts: dict[str, float], host_busy_s: float, images: float, seconds: float
+) -> dict[str, Any]:
+    """Where the host's CPU went, per image served: the service's parts (``proctree.cpu_by_part``), the
+    rest of the host (the load generator, this bench, anything else running) and the host as a whole."""
+    per = {k: round(1000 * v / images, 2) if images else None for k, v in parts.items()}
+    rest = host_busy_s - sum(parts.values())
+    per["rest of host"] = round(1000 * rest / images, 2) if images else None
+    per["host"] = round(1000 * host_busy_s / images, 2) if images else None
+    return {"images": images, "host_busy_cores": round(host_busy_s / seconds, 2), "ms_per_image": per}
+
+
 def phase(
     url: str,
     tier: str,
@@ -202,13 +226,18 @@ def phase(
     work: Path,
     agreement: dict[str, float],
     trace_interval: float = 0,
+    server_pid: int | None = None,
 ) -> dict:
     before = scrape(url)
+    if server_pid is not None:
+        tree_before, host_before, t0 = proctree.cpu_snapshot(server_pid), psutil.cpu_times(), time.monotonic()
     if trace_interval > 0:
         with Timeline(url, trace_interval, start=before) as timeline:
             run = open_loop(url, tier, rate, seconds, work)
     else:
         run = open_loop(url, tier, rate, seconds, work)
+    if server_pid is not None:
+        tree_after, host_after, t1 = proctree.cpu_snapshot(server_pid), psutil.cpu_times(), time.monotonic()
     after = scrape(url)
     mix = delta(
         by_label(after, "tome_auto_tier_total", "tier"), by_label(before, "tome_auto_tier_total", "tier")
@@ -228,6 +257,16 @@ def phase(
         "latency_ms_200": {k: round(ok[k]) for k in ("p50", "p95", "p99", "max") if k in ok},
         "generator_behind": run["generator"]["behind_reasons"],
     }
+    if server_pid is not None:  # over the whole phase, its warm-up included, like the images counted
+        parts = proctree.cpu_by_part(
+            proctree.cpu_delta(tree_before, tree_after), proctree.registered_roles(server_pid)
+        )
+        images = sum(
+            delta(
+                by_label(after, "tome_images_total", "tier"), by_label(before, "tome_images_total", "tier")
+            ).values()
+        )
+        out["cpu"] = cpu_per_image(parts, _busy_s(host_before, host_after), images, t1 - t0)
     if tier == "auto":
         out["auto_tier_mix"] = mix
         out["auto_reasons"] = reasons
@@ -256,7 +295,9 @@ def tier_agreements(url: str) -> dict[str, dict[str, Any]]:
     return out
 
 
-def one_round(url: str, args: argparse.Namespace, work: Path, agreement: dict[str, float]) -> dict[str, Any]:
+def one_round(
+    url: str, args: argparse.Namespace, work: Path, agreement: dict[str, float], server_pid: int | None = None
+) -> dict[str, Any]:
     """Capacity, then fixed exact and auto at the overload, then auto at the light load."""
     cap = capacity(url, 20)
     print(f"capacity at exact: {cap:.2f} req/s", flush=True)
@@ -264,7 +305,7 @@ def one_round(url: str, args: argparse.Namespace, work: Path, agreement: dict[st
     for tier, load in (("exact", args.overload), ("auto", args.overload), ("auto", args.light)):
         time.sleep(10)  # the backlog of the phase before drains
         trace = args.trace_interval if tier == "auto" and load == args.overload else 0
-        ph = phase(url, tier, load * cap, args.seconds, work, agreement, trace)
+        ph = phase(url, tier, load * cap, args.seconds, work, agreement, trace, server_pid)
         ph["load"] = load
         print(json.dumps(ph), flush=True)
         out["phases"].append(ph)
@@ -275,6 +316,16 @@ def one_round(url: str, args: argparse.Namespace, work: Path, agreement: dict[st
         ph["load_vs_mean_capacity"] = round(ph["offered_rps"] / ((cap + after) / 2), 2)
     print(f"capacity at exact after the round: {after:.2f} req/s", flush=True)
     return out
+
+
+def cpu_text(cpu: dict[str, Any]) -> str:
+    """``cpu_per_image`` in a line: the host's CPU per image served and its largest parts."""
+    per = cpu["ms_per_image"]
+    if per["host"] is None:
+        return "no image served"
+    parts = sorted(((k, v) for k, v in per.items() if k != "host" and v), key=lambda kv: -kv[1])
+    listed = ", ".join(f"{k} {v:g}" for k, v in parts)
+    return f"host {per['host']:g} ms of CPU per image ({cpu['host_busy_cores']:g} cores busy): {listed}"
 
 
 def summary(rounds: list[dict[str, Any]], floor: str = "floor") -> str:
@@ -293,6 +344,8 @@ def summary(rounds: list[dict[str, Any]], floor: str = "floor") -> str:
                 text += f" ({at_exact:.0%} at exact, agreement {ph['effective_agreement_calibrated']:.1%})"
             if ph.get("timeline") and (refusal := first_refusal(ph["timeline"], floor)):
                 text += f" [{refusal}]"
+            if ph["tier"] == "auto" and ph.get("cpu"):
+                text += f" <{cpu_text(ph['cpu'])}>"
             parts.append(text)
         lines.append("; ".join(parts))
     heavy = [
@@ -340,7 +393,7 @@ def main(argv: list[str] | None = None) -> int:
             for n in range(args.rounds):
                 if n:
                     time.sleep(10)  # the backlog of the round before drains
-                result["rounds"].append(one_round(server.url, args, work, agreement))
+                result["rounds"].append(one_round(server.url, args, work, agreement, server.pid))
             result |= result["rounds"][0]  # the first round's figures at the top level, as before
             time.sleep(15)  # the fidelity monitor's idle-time work finishes
             samples = scrape(server.url)

@@ -144,6 +144,27 @@ def guess_role(info: ProcInfo, tree_size: int) -> str:
     return f"child (depth {info.depth})"
 
 
+PARTS = ("engine main thread", "engine other threads", "front-end main threads", "front-end other threads")
+
+
+def cpu_by_part(delta: CpuDelta, roles: dict[int, str]) -> dict[str, float]:
+    """The delta's CPU seconds by the work each part of the service does: the engine's main thread (IPC,
+    batching, answers), its other threads (the model: launch threads and torch's own), the front-ends'
+    main threads (the event loop: HTTP, admission, IPC) and their other threads (decoding), and the tree's
+    ``other processes`` (supervisor, resource tracker). ``roles``: pid -> role, as ``registered_roles``."""
+    out = dict.fromkeys((*PARTS, "other processes"), 0.0)
+    for pid, seconds in delta.seconds.items():
+        role = roles.get(pid, "")
+        kind = "engine" if role.startswith("engine") else "front-end" if role.startswith("frontend") else None
+        if kind is None:
+            out["other processes"] += seconds
+            continue
+        main = delta.thread_seconds.get(pid, {}).get(pid, 0.0)  # a process's main thread has its pid
+        out[f"{kind} main thread" + ("s" if kind == "front-end" else "")] += main
+        out[f"{kind} other threads"] += seconds - main
+    return out
+
+
 def device_owner(infos: list[ProcInfo], roles: dict[int, str]) -> int | None:
     """The pid of the process that runs the model: the one holding the GPU, else the only one named
     engine, else the only one with torch loaded, else the root of a one-process tree; None if unclear."""

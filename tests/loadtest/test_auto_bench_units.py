@@ -145,3 +145,22 @@ def test_capacity_counts_only_the_completions_inside_its_window(
     window = (called + 0.3 - SLACK_S, called + 0.3 + 1.0 + SLACK_S)
     inside = sum(1 for t in answered if window[0] <= t <= window[1])
     assert 0 < rate * 1.0 <= inside
+
+
+def test_cpu_per_image_divides_each_part_and_the_rest_of_the_host_by_the_images_served() -> None:
+    parts = {"engine other threads": 10.0, "front-end other threads": 2.0, "other processes": 0.0}
+    cpu = auto_bench.cpu_per_image(parts, host_busy_s=15.0, images=1000, seconds=10.0)
+    assert cpu["host_busy_cores"] == 1.5
+    assert cpu["ms_per_image"] == {
+        "engine other threads": 10.0,
+        "front-end other threads": 2.0,
+        "other processes": 0.0,
+        "rest of host": 3.0,  # busy, but not in the service's tree
+        "host": 15.0,
+    }
+    line = auto_bench.cpu_text(cpu)
+    assert line.startswith("host 15 ms of CPU per image (1.5 cores busy): engine other threads 10, ")
+    assert "other processes" not in line, "a part that cost nothing is left out"
+    assert (
+        auto_bench.cpu_text(auto_bench.cpu_per_image(parts, 1.0, images=0, seconds=1.0)) == "no image served"
+    )

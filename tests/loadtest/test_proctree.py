@@ -98,3 +98,18 @@ def test_processes_that_start_or_end_in_the_window_are_flagged() -> None:
     assert delta.seconds == {1: 2.5, 3: 0.25}
     assert delta.thread_seconds[1] == {1: 2.0}, "a thread born in the window has no start figure"
     assert delta.appeared == [3] and delta.vanished == [2]
+
+
+def test_cpu_by_part_splits_each_process_into_its_main_thread_and_the_rest() -> None:
+    delta = proctree.CpuDelta(
+        seconds={10: 5.0, 20: 2.0, 21: 3.0, 1: 0.5, 2: 0.25},
+        thread_seconds={10: {10: 1.0, 11: 3.5}, 20: {20: 0.75, 22: 1.25}, 21: {21: 1.0}, 1: {1: 0.5}},
+    )
+    roles = {10: "engine", 20: "frontend-0", 21: "frontend-1", 1: "supervisor"}  # pid 2: no role known
+    assert proctree.cpu_by_part(delta, roles) == {
+        "engine main thread": 1.0,
+        "engine other threads": 4.0,  # the process's whole CPU less its main thread's
+        "front-end main threads": 1.75,
+        "front-end other threads": 3.25,
+        "other processes": 0.75,
+    }
