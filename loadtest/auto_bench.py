@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import statistics
 import sys
@@ -200,12 +201,6 @@ def first_refusal(points: list[dict[str, Any]], tier: str) -> str | None:
     return text
 
 
-def _busy_s(before: Any, after: Any) -> float:
-    """CPU seconds the host's cores were busy between two ``psutil.cpu_times()``."""
-    idle = (after.idle + getattr(after, "iowait", 0.0)) - (before.idle + getattr(before, "iowait", 0.0))
-    return sum(after) - sum(before) - idle
-
-
 def cpu_per_image(
     parts: dict[str, float], host_busy_s: float, images: float, seconds: float
 ) -> dict[str, Any]:
@@ -216,6 +211,36 @@ def cpu_per_image(
     per["rest of host"] = round(1000 * rest / images, 2) if images else None
     per["host"] = round(1000 * host_busy_s / images, 2) if images else None
     return {"images": images, "host_busy_cores": round(host_busy_s / seconds, 2), "ms_per_image": per}
+
+
+class CpuWindow:
+    """The service tree's CPU by part (``proctree.cpu_by_part``) and the host's busy time over a ``with``
+    block; ``per_image`` divides them by the images served in it."""
+
+    def __init__(self, server_pid: int) -> None:
+        self.server_pid = server_pid
+
+    def __enter__(self) -> CpuWindow:
+        self._tree, self._host, self._t0 = (
+            proctree.cpu_snapshot(self.server_pid),
+            psutil.cpu_times(),
+            time.monotonic(),
+        )
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        tree, host, self.seconds = (
+            proctree.cpu_snapshot(self.server_pid),
+            psutil.cpu_times(),
+            time.monotonic(),
+        )
+        self.seconds -= self._t0
+        roles = proctree.registered_roles(self.server_pid)
+        self.parts = proctree.cpu_by_part(proctree.cpu_delta(self._tree, tree), roles)
+        self.host_busy_s, _ = proctree.host_busy(self._host, host)
+
+    def per_image(self, images: float) -> dict[str, Any]:
+        return cpu_per_image(self.parts, self.host_busy_s, images, self.seconds)
 
 
 def phase(
@@ -229,15 +254,10 @@ def phase(
     server_pid: int | None = None,
 ) -> dict:
     before = scrape(url)
-    if server_pid is not None:
-        tree_before, host_before, t0 = proctree.cpu_snapshot(server_pid), psutil.cpu_times(), time.monotonic()
-    if trace_interval > 0:
-        with Timeline(url, trace_interval, start=before) as timeline:
-            run = open_loop(url, tier, rate, seconds, work)
-    else:
+    with contextlib.ExitStack() as stack:
+        cpu = stack.enter_context(CpuWindow(server_pid)) if server_pid is not None else None
+        timeline = stack.enter_context(Timeline(url, trace_interval, before)) if trace_interval > 0 else None
         run = open_loop(url, tier, rate, seconds, work)
-    if server_pid is not None:
-        tree_after, host_after, t1 = proctree.cpu_snapshot(server_pid), psutil.cpu_times(), time.monotonic()
     after = scrape(url)
     mix = delta(
         by_label(after, "tome_auto_tier_total", "tier"), by_label(before, "tome_auto_tier_total", "tier")
@@ -257,21 +277,16 @@ def phase(
         "latency_ms_200": {k: round(ok[k]) for k in ("p50", "p95", "p99", "max") if k in ok},
         "generator_behind": run["generator"]["behind_reasons"],
     }
-    if server_pid is not None:  # over the whole phase, its warm-up included, like the images counted
-        parts = proctree.cpu_by_part(
-            proctree.cpu_delta(tree_before, tree_after), proctree.registered_roles(server_pid)
+    if cpu is not None:  # over the whole phase, its warm-up included, like the images counted
+        images = delta(
+            by_label(after, "tome_images_total", "tier"), by_label(before, "tome_images_total", "tier")
         )
-        images = sum(
-            delta(
-                by_label(after, "tome_images_total", "tier"), by_label(before, "tome_images_total", "tier")
-            ).values()
-        )
-        out["cpu"] = cpu_per_image(parts, _busy_s(host_before, host_after), images, t1 - t0)
+        out["cpu"] = cpu.per_image(sum(images.values()))
     if tier == "auto":
         out["auto_tier_mix"] = mix
         out["auto_reasons"] = reasons
         out["auto_refused"] = refused_by_auto
-        if trace_interval > 0:
+        if timeline is not None:
             out["timeline"] = timeline.points
         if served:
             out["effective_agreement_calibrated"] = round(

@@ -177,9 +177,8 @@ def cpu_window(
 
 
 def _busy_share(before: Any, after: Any) -> float:
-    total = sum(after) - sum(before)
-    idle = (after.idle + getattr(after, "iowait", 0.0)) - (before.idle + getattr(before, "iowait", 0.0))
-    return 1 - idle / total if total > 0 else 0.0
+    busy, total = proctree.host_busy(before, after)
+    return busy / total if total > 0 else 0.0
 
 
 def gil_window(

@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import psutil
 
@@ -142,6 +143,14 @@ def guess_role(info: ProcInfo, tree_size: int) -> str:
     if info.uses_gpu:
         return "engine (holds the GPU)"
     return f"child (depth {info.depth})"
+
+
+def host_busy(before: Any, after: Any) -> tuple[float, float]:
+    """(busy, total) CPU seconds of the host's cores between two ``psutil.cpu_times()``: the whole
+    machine, so whatever else runs on it (a load generator) is in ``busy`` too."""
+    total = sum(after) - sum(before)
+    idle = (after.idle + getattr(after, "iowait", 0.0)) - (before.idle + getattr(before, "iowait", 0.0))
+    return total - idle, total
 
 
 PARTS = ("engine main thread", "engine other threads", "front-end main threads", "front-end other threads")

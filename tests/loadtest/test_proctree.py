@@ -3,6 +3,7 @@ per thread, and the tree's processes get roles."""
 
 from __future__ import annotations
 
+import collections
 import subprocess
 import sys
 import textwrap
@@ -113,3 +114,10 @@ def test_cpu_by_part_splits_each_process_into_its_main_thread_and_the_rest() -> 
         "front-end other threads": 3.25,
         "other processes": 0.75,
     }
+
+
+def test_host_busy_is_everything_but_idle_and_iowait() -> None:
+    fields = ("user", "nice", "system", "idle", "iowait")
+    Times = collections.namedtuple("Times", fields)
+    before, after = Times(10.0, 1.0, 2.0, 50.0, 0.5), Times(13.0, 1.5, 3.0, 54.0, 1.0)
+    assert proctree.host_busy(before, after) == (4.5, 9.0)
