@@ -153,7 +153,10 @@ def host_busy(before: Any, after: Any) -> tuple[float, float]:
     return total - idle, total
 
 
-PARTS = ("engine main thread", "engine other threads", "front-end main threads", "front-end other threads")
+_PARTS = {  # role prefix -> (its main threads' part, its other threads' part)
+    "engine": ("engine main thread", "engine other threads"),
+    "frontend": ("front-end main threads", "front-end other threads"),
+}
 
 
 def cpu_by_part(delta: CpuDelta, roles: dict[int, str]) -> dict[str, float]:
@@ -161,16 +164,16 @@ def cpu_by_part(delta: CpuDelta, roles: dict[int, str]) -> dict[str, float]:
     batching, answers), its other threads (the model: launch threads and torch's own), the front-ends'
     main threads (the event loop: HTTP, admission, IPC) and their other threads (decoding), and the tree's
     ``other processes`` (supervisor, resource tracker). ``roles``: pid -> role, as ``registered_roles``."""
-    out = dict.fromkeys((*PARTS, "other processes"), 0.0)
+    out = dict.fromkeys([*(part for pair in _PARTS.values() for part in pair), "other processes"], 0.0)
     for pid, seconds in delta.seconds.items():
         role = roles.get(pid, "")
-        kind = "engine" if role.startswith("engine") else "front-end" if role.startswith("frontend") else None
-        if kind is None:
+        pair = next((pair for prefix, pair in _PARTS.items() if role.startswith(prefix)), None)
+        if pair is None:
             out["other processes"] += seconds
             continue
         main = delta.thread_seconds.get(pid, {}).get(pid, 0.0)  # a process's main thread has its pid
-        out[f"{kind} main thread" + ("s" if kind == "front-end" else "")] += main
-        out[f"{kind} other threads"] += seconds - main
+        out[pair[0]] += main
+        out[pair[1]] += seconds - main
     return out
 
 
