@@ -49,7 +49,6 @@ from pathlib import Path
 from typing import Any
 
 import httpx
-import psutil
 
 from loadtest import openloop, proctree
 from loadtest.scrape import Sample, by_label, delta, scrape
@@ -213,36 +212,6 @@ def cpu_per_image(
     return {"images": images, "host_busy_cores": round(host_busy_s / seconds, 2), "ms_per_image": per}
 
 
-class CpuWindow:
-    """The service tree's CPU by part (``proctree.cpu_by_part``) and the host's busy time over a ``with``
-    block; ``per_image`` divides them by the images served in it."""
-
-    def __init__(self, server_pid: int) -> None:
-        self.server_pid = server_pid
-
-    def __enter__(self) -> CpuWindow:
-        self._tree, self._host, self._t0 = (
-            proctree.cpu_snapshot(self.server_pid),
-            psutil.cpu_times(),
-            time.monotonic(),
-        )
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        tree, host, self.seconds = (
-            proctree.cpu_snapshot(self.server_pid),
-            psutil.cpu_times(),
-            time.monotonic(),
-        )
-        self.seconds -= self._t0
-        roles = proctree.registered_roles(self.server_pid)
-        self.parts = proctree.cpu_by_part(proctree.cpu_delta(self._tree, tree), roles)
-        self.host_busy_s, _ = proctree.host_busy(self._host, host)
-
-    def per_image(self, images: float) -> dict[str, Any]:
-        return cpu_per_image(self.parts, self.host_busy_s, images, self.seconds)
-
-
 def phase(
     url: str,
     tier: str,
@@ -255,7 +224,7 @@ def phase(
 ) -> dict:
     before = scrape(url)
     with contextlib.ExitStack() as stack:
-        cpu = stack.enter_context(CpuWindow(server_pid)) if server_pid is not None else None
+        cpu = stack.enter_context(proctree.CpuWindow(server_pid)) if server_pid is not None else None
         timeline = stack.enter_context(Timeline(url, trace_interval, before)) if trace_interval > 0 else None
         run = open_loop(url, tier, rate, seconds, work)
     after = scrape(url)
@@ -281,7 +250,8 @@ def phase(
         images = delta(
             by_label(after, "tome_images_total", "tier"), by_label(before, "tome_images_total", "tier")
         )
-        out["cpu"] = cpu.per_image(sum(images.values()))
+        parts = proctree.cpu_by_part(cpu.delta, proctree.registered_roles(cpu.root_pid))
+        out["cpu"] = cpu_per_image(parts, cpu.host_busy_s, sum(images.values()), cpu.seconds)
     if tier == "auto":
         out["auto_tier_mix"] = mix
         out["auto_reasons"] = reasons

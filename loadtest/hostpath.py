@@ -167,18 +167,9 @@ def cpu_window(
     args: argparse.Namespace, server: Server, url: str, photo: Path
 ) -> tuple[ab.AbResult, proctree.CpuDelta, float]:
     """ab for ``args.duration`` s with the tree's CPU read before and after; also the host's busy share."""
-    host_before = psutil.cpu_times()
-    before = proctree.cpu_snapshot(server.pid)
-    result = ab.run(args.ab, url, photo, "image/jpeg", args.concurrency, args.duration)
-    after = proctree.cpu_snapshot(server.pid)
-    host_after = psutil.cpu_times()
-    busy = _busy_share(host_before, host_after)
-    return result, proctree.cpu_delta(before, after), busy
-
-
-def _busy_share(before: Any, after: Any) -> float:
-    busy, total = proctree.host_busy(before, after)
-    return busy / total if total > 0 else 0.0
+    with proctree.CpuWindow(server.pid) as window:
+        result = ab.run(args.ab, url, photo, "image/jpeg", args.concurrency, args.duration)
+    return result, window.delta, window.busy_share
 
 
 def gil_window(

@@ -9,6 +9,7 @@ from one process or from the service's own /metrics.
 from __future__ import annotations
 
 import os
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -151,6 +152,29 @@ def host_busy(before: Any, after: Any) -> tuple[float, float]:
     total = sum(after) - sum(before)
     idle = (after.idle + getattr(after, "iowait", 0.0)) - (before.idle + getattr(before, "iowait", 0.0))
     return total - idle, total
+
+
+class CpuWindow:
+    """What a ``with`` block cost: the tree's CPU (``delta``), the host's busy and total CPU seconds
+    (``host_busy``; the host's readings enclose the tree's) and the block's wall ``seconds``."""
+
+    def __init__(self, root_pid: int) -> None:
+        self.root_pid = root_pid
+
+    def __enter__(self) -> CpuWindow:
+        self._host, self._t0 = psutil.cpu_times(), time.monotonic()
+        self._tree = cpu_snapshot(self.root_pid)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.delta = cpu_delta(self._tree, cpu_snapshot(self.root_pid))
+        self.host_busy_s, self.host_total_s = host_busy(self._host, psutil.cpu_times())
+        self.seconds = time.monotonic() - self._t0
+
+    @property
+    def busy_share(self) -> float:
+        """The share of the host's CPU time that was busy."""
+        return self.host_busy_s / self.host_total_s if self.host_total_s > 0 else 0.0
 
 
 _PARTS = {  # role prefix -> (its main threads' part, its other threads' part)
