@@ -27,7 +27,7 @@ from ..engine.loading import ModelLoadError
 from ..ipc.rundir import RunDir
 from ..observability.metrics import EngineMetrics
 from ..settings import ServiceSettings
-from .process import configure_child
+from .process import configure_child, settle_heap
 
 log = logging.getLogger(__name__)
 
@@ -88,6 +88,7 @@ def engine_main(
     except Exception as e:
         status.send(("failed", f"{type(e).__name__}: {e}"))
         raise
+    settle_heap()
     status.send(("loaded", ""))
 
     async def run() -> None:

@@ -23,7 +23,7 @@ from ..api.shedding import protocol_shedder
 from ..api.state import Frontend
 from ..ipc.rundir import RunDir
 from ..settings import ServiceSettings
-from .process import configure_child
+from .process import configure_child, settle_heap
 
 log = logging.getLogger(__name__)
 
@@ -125,6 +125,7 @@ def frontend_main(
         timeout_graceful_shutdown=settings.server.graceful_shutdown_s,
     )
     server = DrainingServer(config, app.state.frontend, settings.limits.drain_timeout_s)
+    settle_heap()
     server.run(sockets=sockets)
     if server.engine_lost:
         sys.exit(1)
