@@ -498,6 +498,7 @@ class Engine:
     def _finish(self, conn: int, request: _Request) -> None:
         del self.requests[(conn, request.id)]
         request.reply(request.answer())
+        request.jobs = []  # each job's callback holds the request: so refcounting, not the GC, frees both
         if not self.requests:
             self._idle.set()
 
