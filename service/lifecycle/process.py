@@ -36,7 +36,7 @@ def settle_heap(young_threshold: int = YOUNG_GC_THRESHOLD) -> int:
     generation and let the youngest generation grow to ``young_threshold`` objects before a collection.
     Returns how many objects are now frozen.
 
-    A front-end makes almost no cyclic garbage (refcounting frees it), yet with CPython's defaults its
+    Serving makes almost no cyclic garbage (refcounting frees it), yet with CPython's defaults a front-end's
     collector ran ~58 young and ~0.5 full collections per second under the host-path load, each full one
     re-scanning start-up's ~76k objects: 0.059 ms of CPU per request (``gc.callbacks``, BENCHMARKS.md).
     A full collection of the engine's heap after loading ViT-Ti (~478k objects) took 221-231 ms with the
