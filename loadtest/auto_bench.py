@@ -52,7 +52,7 @@ import httpx
 
 from loadtest import openloop, proctree
 from loadtest.scrape import Sample, by_label, delta, scrape
-from loadtest.server import REPO, Server
+from loadtest.server import REPO, Server, interpreter
 from loadtest.workload import DEFAULT_IMAGES_DIR
 
 SHARED = REPO.parent / "shared"
@@ -373,8 +373,9 @@ def main(argv: list[str] | None = None) -> int:
             server.wait_ready()
             tiers = tier_agreements(server.url)
             agreement = {name: t["agreement"] for name, t in tiers.items()}
+            print(f"server and load generator on {interpreter()}", flush=True)
             print("tiers:", json.dumps(tiers), flush=True)
-            result: dict[str, Any] = {"tiers": tiers, "rounds": []}
+            result: dict[str, Any] = {"python": interpreter(), "tiers": tiers, "rounds": []}
             for n in range(args.rounds):
                 if n:
                     time.sleep(10)  # the backlog of the round before drains

@@ -40,7 +40,7 @@ import psutil
 from PIL import Image
 
 from loadtest import ab, gil, proctree
-from loadtest.server import Server
+from loadtest.server import Server, interpreter
 from loadtest.workload import DEFAULT_IMAGES_DIR
 
 PHOTO_SIZE = (500, 375)
@@ -342,6 +342,7 @@ def run_config(args: argparse.Namespace, config: str) -> dict[str, Any]:
         **{k: getattr(args, k) for k in keys},
         "gil_seconds": args.gil_seconds,
         "gil_rate_hz": args.gil_rate,
+        "python": interpreter(),
         "config_toml": config,
     }
 
@@ -379,7 +380,7 @@ def format_report(r: HostPathReport) -> str:
         f"host path: {c['model']} ({kwargs}) on {c['device']}, workers={c['workers'] or 'default'}, "
         f"cpu_parallel_batches={c.get('cpu_parallel_batches', 1)}; "
         f"{Path(r.photo['path']).name} {r.photo['size'][0]}x{r.photo['size'][1]} ({r.photo['bytes']} B) "
-        f"as image/jpeg; ab -k -c {c['concurrency']} for {r.window_s:.1f} s",
+        f"as image/jpeg; ab -k -c {c['concurrency']} for {r.window_s:.1f} s; {c.get('python', 'Python ?')}",
         f"req/s {r.requests_per_s:.1f}   requests {r.requests} (non-2xx {r.non_2xx}, failed {r.failed}, "
         f"keep-alive {r.keepalive_requests})   latency p50/p90/p99 {r.latency_ms.get('p50', 0):.0f}/"
         f"{r.latency_ms.get('p90', 0):.0f}/{r.latency_ms.get('p99', 0):.0f} ms",

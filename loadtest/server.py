@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import platform
 import socket
 import subprocess
 import sys
@@ -13,6 +15,12 @@ import httpx
 import psutil
 
 REPO = Path(__file__).resolve().parents[1]
+
+
+def interpreter() -> str:
+    """The CPython the server runs on (this one): its version and real path. How it was built moves the
+    host path's CPU per image by 4-13% (BENCHMARKS.md), so every report names it."""
+    return f"Python {platform.python_version()} at {os.path.realpath(sys.executable)}"
 
 
 def free_port() -> int:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import platform
 import shutil
 import subprocess
 import sys
@@ -13,6 +14,7 @@ import pytest
 
 from loadtest import gil
 from loadtest.hostpath import DEFAULT_MODEL_KWARGS, config_text, default_py_spy, find_photo
+from loadtest.server import interpreter
 from tests.shared_data import IMAGENET_SAMPLE, require
 
 REPO = Path(__file__).resolve().parents[2]
@@ -32,6 +34,13 @@ def test_config_has_the_near_free_model_and_workers_only_when_asked() -> None:
     assert four["server"]["workers"] == 4 and four["device"] == "cuda:1"
     assert tomllib.loads(config_text("m", {}, "cpu", None, 2))["batching"]["cpu_parallel_batches"] == 2
     assert four["models"][0]["model_kwargs"] == {"flag": True, "name": 'a "b"', "x": 0.5}
+
+
+def test_reports_name_the_interpreter_by_version_and_real_path() -> None:
+    text = interpreter()
+    version, _, path = text.removeprefix("Python ").partition(" at ")
+    assert version == platform.python_version()
+    assert Path(path).is_absolute() and Path(path).exists() and not Path(path).is_symlink()
 
 
 def test_the_photo_is_a_500x375_jpeg() -> None:
@@ -82,6 +91,7 @@ def test_short_run_against_the_real_server(tmp_path: Path) -> None:
     assert r["requests"] > 0 and r["requests_per_s"] > 0
     assert r["non_2xx"] == 0 and r["failed"] == 0
     assert "workers" not in r["config"]["config_toml"] and "img_size = 32" in r["config"]["config_toml"]
+    assert r["config"]["python"] == interpreter() and r["config"]["python"] in result.stdout
 
     procs = r["processes"]
     by_role = {p["role"]: p for p in procs}
