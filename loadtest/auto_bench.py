@@ -373,9 +373,10 @@ def main(argv: list[str] | None = None) -> int:
             server.wait_ready()
             tiers = tier_agreements(server.url)
             agreement = {name: t["agreement"] for name, t in tiers.items()}
-            print(f"server and load generator on {interpreter()}", flush=True)
+            python = interpreter()
+            print(f"server and load generator on {python}", flush=True)
             print("tiers:", json.dumps(tiers), flush=True)
-            result: dict[str, Any] = {"python": interpreter(), "tiers": tiers, "rounds": []}
+            result: dict[str, Any] = {"python": python, "tiers": tiers, "rounds": []}
             for n in range(args.rounds):
                 if n:
                     time.sleep(10)  # the backlog of the round before drains
