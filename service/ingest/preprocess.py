@@ -177,7 +177,7 @@ class Preprocessor:
         """Decode an opened image: RGB, EXIF orientation applied; raises ``ServiceError``."""
         try:
             img.load()  # first frame only for GIF/animated WebP
-            img = ImageOps.exif_transpose(img)
+            ImageOps.exif_transpose(img, in_place=True)  # not in place, it copies every upright image
             return _to_rgb(img)
         except (OSError, SyntaxError, ValueError, EOFError) as e:
             raise ServiceError(422, "bad_image", f"corrupt {img.format} image: {e}") from e
