@@ -229,16 +229,20 @@ def test_side_by_side_lanes_share_the_backlog_and_a_batch_on_a_free_lane_is_not_
         b.batch_times["m"] = BatchTimes([1], {"t": {1: 2.0}, "u": {1: 1.0}})
         b.start()
         b.submit(q, [0, 1], FAR, done)
-        await asyncio.sleep(0.3)  # both running on their lanes for 0.3 s: 1.7 s left each
+        started = time.monotonic()
+        await asyncio.sleep(0.3)  # both running on their lanes for ~0.3 s: ~1.7 s left each
         assert len(b._running) == 2
         now = time.monotonic()
-        assert b.backlog_s(now) == pytest.approx(1.7, abs=0.15)  # (1.7 + 1.7) / 2
+        left = 2.0 - (now - started)  # from the clock: a loaded host oversleeps
+        assert b.backlog_s(now) == pytest.approx(left, abs=0.1)  # (left + left) / 2
         b.submit(other, [5], FAR, done)  # waits for a lane: 1 s of work at tier u
-        # ahead of a new image at t: 1.7 + 1.7 running, 1.0 queued at u; its own batch 2.0 on one lane
-        assert b.finish_s(q, 1, now) == pytest.approx((1.7 + 1.7 + 1.0) / 2 + 2.0, abs=0.15)
+        # ahead of a new image at t: 2 x left running, 1.0 queued at u; its own batch 2.0 on one lane
+        assert b.finish_s(q, 1, now) == pytest.approx((left + left + 1.0) / 2 + 2.0, abs=0.1)
         b.abandon(other, [j for j in other.jobs])
-        b.submit(q, [2], time.monotonic() + 2.5, done)
-        gates[0].set()  # a lane frees; slot 2's batch takes it: ends in 2 s, within its 2.5 s deadline
+        b.submit(q, [2], time.monotonic() + 3.0, done)
+        # a lane frees; slot 2's batch takes it: ends in 2 s, within its 3 s deadline (behind the other
+        # batch on one lane it would end in ~3.7 s, and be refused)
+        gates[0].set()
         await done.wait(1)
         await asyncio.sleep(0.1)
         assert 2 not in done.by_slot and len(b._running) == 2  # running, not refused
@@ -268,9 +272,12 @@ def test_pipelined_batches_wait_for_each_other_in_the_backlog_and_the_deadline_c
         b.batch_times["m"] = BatchTimes([1], {"t": {1: 2.0}})
         b.start()
         b.submit(q, [0, 1], FAR, done)
-        await asyncio.sleep(0.3)  # both launched 0.3 s ago; the first has run 0.3 s of its 2 s
+        started = time.monotonic()
+        await asyncio.sleep(0.3)  # both launched ~0.3 s ago; the first has run that much of its 2 s
         assert len(b._running) == 2
-        assert b.backlog_s(time.monotonic()) == pytest.approx(3.7, abs=0.15)  # not 2 * 1.7
+        now = time.monotonic()
+        ran = now - started  # from the clock: a loaded host oversleeps
+        assert b.backlog_s(now) == pytest.approx(4.0 - ran, abs=0.1)  # not 2 * (2.0 - ran)
         b.submit(q, [2], time.monotonic() + 2.5, done)  # waits for a pipeline slot
         gates[0].set()  # the first ends; slot 2's batch forms behind the second (due ~1.7 s from now)
         await done.wait(2)

@@ -17,11 +17,11 @@ from service.api.http_guard import guarded_protocol
 from tests.processes import read_response
 
 HEADER_TIMEOUT_S = 0.5
-KEEP_ALIVE_S = 0.1  # shorter than /slow
+KEEP_ALIVE_S = 1.0  # shorter than /slow; long enough for a loaded host to send the next request in time
 
 
 class App:
-    """Answers every request it sees ``200 app <path>`` after reading its body; ``/slow`` after 0.3 s."""
+    """Answers every request it sees ``200 app <path>`` after reading its body; ``/slow`` after 1.5 s."""
 
     def __init__(self) -> None:
         self.paths: list[str] = []
@@ -35,7 +35,7 @@ class App:
         while more:
             more = (await receive()).get("more_body", False)
         if scope["path"] == "/slow":
-            await asyncio.sleep(0.3)
+            await asyncio.sleep(1.5)
         body = b"app " + scope["path"].encode()
         await send(
             {

@@ -135,14 +135,24 @@ def test_full_queue_gives_503_while_accepted_requests_succeed(tmp_path: Path) ->
 
 
 def test_sigterm_during_load_answers_every_accepted_request(tmp_path: Path) -> None:
-    config = _config(tmp_path, "random", 160, 4, "max_batch_size = 2\nmax_wait_ms = 5\nwarmup = false")
+    config = _config(tmp_path, "random", 224, 4, "max_batch_size = 2\nmax_wait_ms = 5\nwarmup = false")
     data = _images(1)[0]
     n = 32
-    with server(config, tmp_path) as (url, proc), ThreadPoolExecutor(n) as pool:
-        futures = [pool.submit(_post, url, data, "exact") for _ in range(n)]
+    # One client for the load, one for the probes: a fresh httpx.post builds an SSL context (~44 ms of
+    # this host's CPU), which spread the 32 requests out until the first could be answered before the
+    # last was sent, and each probe took as long as a batch.
+    load = httpx.Client(limits=httpx.Limits(max_connections=n), timeout=60)
+    probe = httpx.Client()
+    with server(config, tmp_path) as (url, proc), ThreadPoolExecutor(n) as pool, load, probe:
+
+        def post() -> httpx.Response:
+            headers = {"content-type": "image/png"}
+            return load.post(f"{url}/classify", params={"tier": "exact"}, content=data, headers=headers)
+
+        futures = [pool.submit(post) for _ in range(n)]
         deadline = time.monotonic() + 30
         while True:  # wait until every request has been accepted (answered or in flight)
-            text = httpx.get(f"{url}/metrics").text
+            text = probe.get(f"{url}/metrics").text
             in_flight = metric_value(text, "tome_in_flight_requests")
             if metric_value(text, "tome_requests_total") + in_flight >= n:
                 break
@@ -151,7 +161,7 @@ def test_sigterm_during_load_answers_every_accepted_request(tmp_path: Path) -> N
         proc.send_signal(signal.SIGTERM)
         try:  # while draining: not ready within a probe's second, no new work (or already gone)
             until = time.monotonic() + 1.0
-            while (ready := httpx.get(f"{url}/readyz", timeout=5).status_code) == 200:
+            while (ready := probe.get(f"{url}/readyz", timeout=5).status_code) == 200:
                 if time.monotonic() > until:
                     break
                 time.sleep(0.01)
