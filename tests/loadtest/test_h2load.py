@@ -37,6 +37,14 @@ def test_log_and_summary_are_read_in_seconds_and_ms() -> None:
     assert h2load._summary_ms(SUMMARY, "time to 1st byte") is None
 
 
+class _Server(http.server.ThreadingHTTPServer):
+    """h2load opens a connection per request: socketserver's default listen backlog of 5 overflows in a
+    50 ms stall of the accept loop, and the kernel retries a dropped connect ~1 s later, moving requests
+    out of the window they were scheduled in."""
+
+    request_queue_size = 512
+
+
 class _Teapot(http.server.BaseHTTPRequestHandler):
     def do_POST(self) -> None:
         self.rfile.read(int(self.headers["content-length"]))
@@ -50,10 +58,11 @@ class _Teapot(http.server.BaseHTTPRequestHandler):
 
 @pytest.fixture
 def teapot() -> Iterator[str]:
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Teapot)
+    server = _Server(("127.0.0.1", 0), _Teapot)
     threading.Thread(target=server.serve_forever, daemon=True).start()
     yield f"http://127.0.0.1:{server.server_port}"
     server.shutdown()
+    server.server_close()
 
 
 @pytest.mark.skipif(not h2load.available(), reason="h2load is not installed (nghttp2-client)")
@@ -92,7 +101,7 @@ class _Overloaded(http.server.BaseHTTPRequestHandler):
 def test_refusals_are_the_same_statuses_as_openloops_and_504s_stay_apart(tmp_path: Path) -> None:
     """``latency_ms.refused`` means what loadtest.openloop's does (429/503: sent back at once); a 504
     is a deadline that passed while queued, and mixing it in reads as slow refusals."""
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Overloaded)
+    server = _Server(("127.0.0.1", 0), _Overloaded)
     threading.Thread(target=server.serve_forever, daemon=True).start()
     body = tmp_path / "body.bin"
     body.write_bytes(b"x" * 1000)
@@ -105,6 +114,8 @@ def test_refusals_are_the_same_statuses_as_openloops_and_504s_stay_apart(tmp_pat
     counts, latency = run["counts"], run["latency_ms"]
     assert set(counts) == {"503", "504"}
     assert latency["refused"]["count"] == counts["503"]
-    assert latency["refused"]["max"] < 250
+    # Refusals come back at once, 504s only after 0.3 s: a refusal under that is no 504 counted in, with
+    # room for a stall of a loaded host (the median shows they are immediate).
+    assert latency["refused"]["p50"] < 100 and latency["refused"]["max"] < 300
     assert latency["by_status"]["504"]["count"] == counts["504"]
     assert latency["by_status"]["504"]["p50"] >= 300

@@ -136,16 +136,20 @@ def test_schedule_holds_while_latency_from_intended_send_grows(slow_server: Stub
     assert run["scheduled"] == 80 and run["counts"] == {"200": 80}
 
     # The server saw the requests arrive on schedule, in the second second as many as in the first,
-    # although by then it was a second behind in answering them.
+    # although by then it was a second behind in answering them. The bounds leave room for a stall of a
+    # few hundred ms on a loaded CI host; a closed loop (sending as answers come back, 20/s) puts ~20 in
+    # the first second, spreads the 80 over ~4 s and lags by up to ~2 s, far outside every one of them.
     arrivals = sorted(slow_server.arrivals)
     assert len(arrivals) == 80
     start = arrivals[0]
     first = sum(1 for t in arrivals if t - start < 1.0)
-    assert 36 <= first <= 44, arrivals
-    assert arrivals[-1] - start == pytest.approx(79 / 40, abs=0.25)
+    assert 30 <= first <= 50, arrivals
+    assert arrivals[-1] - start == pytest.approx(79 / 40, abs=0.5)
 
+    # Sends on time: the median request left within 20 ms of its intended time and none was 250 ms late
+    # (not p99: of 80 lags that is ~the max, so one scheduler stall would fail it).
     sched, gen = run["schedule"], run["generator"]
-    assert sched["lag_ms"]["p99"] < 50, sched
+    assert sched["lag_ms"]["p50"] < 20 and sched["lag_ms"]["max"] < 250, sched
     assert gen["waited_for_connection"] == 0 and gen["max_in_flight"] > 20
 
     # Latency from the intended send grows with the queue: the last requests waited for ~40 before them.

@@ -10,7 +10,7 @@ import time
 from types import SimpleNamespace
 
 from loadtest import reliability
-from loadtest.reliability import _poll, cpu_list
+from loadtest.reliability import _poll, cpu_during, cpu_list
 
 
 def test_cpu_list_reads_taskset_lists() -> None:
@@ -86,8 +86,18 @@ def test_overload_offers_each_load_against_the_capacity_measured_just_before_it(
     assert out["3.0x"]["goodput_of_capacity"] == round(120 / 100, 3)
 
 
-def test_cpu_cores_during_tells_the_generators_cpu_from_the_servers() -> None:
-    """A child process that spins for 0.6 s counts as the generator's; an idle server's tree counts ~0."""
+def test_cpu_cores_during_tells_the_generators_cpu_from_the_servers(monkeypatch) -> None:
+    """A child process that spins for 0.6 s of CPU counts as the generator's; an idle server's tree counts
+    ~0. Checked on the CPU seconds, which a slow or oversubscribed host does not shrink (the cores, CPU
+    seconds per wall second, it does: a spinner that gets half a core takes twice as long)."""
+    seconds: list[tuple[float, float, float]] = []
+
+    def recorded(server, fn):
+        result, server_s, generator_s, wall = cpu_during(server, fn)
+        seconds.append((server_s, generator_s, wall))
+        return result, server_s, generator_s, wall
+
+    monkeypatch.setattr(reliability, "cpu_during", recorded)
     idle_server = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"])
     try:
         time.sleep(0.3)  # past the interpreter's start-up
@@ -99,5 +109,8 @@ def test_cpu_cores_during_tells_the_generators_cpu_from_the_servers() -> None:
     finally:
         idle_server.kill()
         idle_server.wait()
-    assert cores["generator"] >= 0.4
-    assert cores["server"] < 0.1
+    ((server_s, generator_s, wall),) = seconds
+    assert generator_s >= 0.55, "the spinner's 0.6 s of CPU, less rounding"
+    assert server_s < 0.1
+    assert wall >= generator_s - 0.05  # one single-threaded child: no more CPU than wall time
+    assert cores == {"server": round(server_s / wall, 3), "generator": round(generator_s / wall, 3)}
