@@ -52,8 +52,10 @@ def server(config: Path, tmp_path: Path) -> Iterator[tuple[str, subprocess.Popen
         yield url, proc
 
 
-def _post(url: str, data: bytes, tier: str, top_k: int = 5) -> httpx.Response:
-    return httpx.post(
+def _post(
+    url: str, data: bytes, tier: str, top_k: int = 5, client: httpx.Client | None = None
+) -> httpx.Response:
+    return (client or httpx).post(
         f"{url}/classify",
         params={"tier": tier, "top_k": top_k},
         content=data,
@@ -144,12 +146,7 @@ def test_sigterm_during_load_answers_every_accepted_request(tmp_path: Path) -> N
     load = httpx.Client(limits=httpx.Limits(max_connections=n), timeout=60)
     probe = httpx.Client()
     with server(config, tmp_path) as (url, proc), ThreadPoolExecutor(n) as pool, load, probe:
-
-        def post() -> httpx.Response:
-            headers = {"content-type": "image/png"}
-            return load.post(f"{url}/classify", params={"tier": "exact"}, content=data, headers=headers)
-
-        futures = [pool.submit(post) for _ in range(n)]
+        futures = [pool.submit(_post, url, data, "exact", client=load) for _ in range(n)]
         deadline = time.monotonic() + 30
         while True:  # wait until every request has been accepted (answered or in flight)
             text = probe.get(f"{url}/metrics").text
